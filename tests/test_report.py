@@ -1,0 +1,316 @@
+"""report.py: the paper's tables and figures from a grid of prediction files.
+
+The grid is synthetic: every prediction file gets its first k gold rows right (scenario, action and entity)
+and the rest wrong, so each seed's intent accuracy is exactly k / 40. The references are scipy's t interval
+of those known values, and tables rebuilt by hand from the same files with score.py's own functions.
+"""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import scipy.stats
+
+import report
+import score
+
+REPO = Path(__file__).resolve().parents[1]
+N_ROWS = 40  # rows alternate en / de
+
+# (scheme, fraction dir): correct rows per seed; None = a seed dir without pred.jsonl.
+GRID = {
+    ("text-only", "p0"): [20, 21, 22],
+    ("direct", "p0.02"): [23, 24, 25],  # overlaps text-only under the t interval (not under a normal one)
+    ("direct", "p0.1"): [25, 26, 27],  # means 0.125 apart, half-widths sum to 0.1242: just separate
+    ("direct", "p1.0"): [30, 31, 32],
+    ("curriculum", "p0.02"): [24, 26, None],  # two runs; the third seed has no pred.jsonl
+    ("curriculum", "p1.0"): [35],  # a single seed: no interval
+    ("oracle", "p0"): [36, 37, 38],
+}  # curriculum p0.1 is missing altogether
+FRACTION = {"p0": 0.0, "p0.02": 0.02, "p0.1": 0.1, "p1.0": 1.0}
+COLUMN = {"p0": "0%", "p0.02": "2%", "p0.1": "10%", "p1.0": "100%"}
+
+
+def _gold_rows():
+    return [{"id": f"u{i}", "lang": "en" if i % 2 == 0 else "de", "text": f"wake me up on day {i}", "audio": None,
+             "scenario": f"s{i % 3}", "action": f"a{i % 2}", "entities": [{"type": "date", "filler": f"day {i}"}]}
+            for i in range(N_ROWS)]
+
+
+def _predictions(gold, k):
+    """Rows before k exactly right; after it the action is wrong and the entity is missed."""
+    return [{"id": g["id"], "scenario": g["scenario"], "action": g["action"] if i < k else "wrong",
+             "entities": g["entities"] if i < k else [], "parse_error": None} for i, g in enumerate(gold)]
+
+
+def _write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    gold = _gold_rows()
+    _write_jsonl(root / "test.jsonl", gold)
+    for (scheme, fraction), ks in GRID.items():
+        for seed, k in enumerate(ks):
+            seed_dir = root / "slurp" / scheme / fraction / f"seed{seed}"
+            seed_dir.mkdir(parents=True)
+            if k is not None:
+                _write_jsonl(seed_dir / "pred.jsonl", _predictions(gold, k))
+            (seed_dir / "train.log").write_text("not a prediction file\n")  # files besides pred.jsonl: ignored
+    return root
+
+
+@pytest.fixture(scope="module")
+def plain(grid):
+    """The report.py command line without --by: (output dir, its stderr)."""
+    out = grid / "out-plain"
+    result = subprocess.run([sys.executable, "report.py", "--grid", str(grid / "slurp"), "--gold",
+                             str(grid / "test.jsonl"), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return out, result.stderr
+
+
+@pytest.fixture(scope="module")
+def by_lang(grid):
+    """report.py --by lang, called through main(): (output dir, report.json)."""
+    out = grid / "out-lang"
+    assert report.main(["--grid", str(grid / "slurp"), "--gold", str(grid / "test.jsonl"),
+                        "--out", str(out), "--by", "lang"]) == 0
+    return out, json.loads((out / "report.json").read_text(encoding="utf-8"))
+
+
+def _parse_markdown(text):
+    """{(group, metric label, scheme, column header): cell} from table.md."""
+    cells, group, metric, columns = {}, "all", None, None
+    for line in text.splitlines():
+        if line.startswith("## ") and " = " in line:
+            group = line[3:].replace(" = ", "=")
+        elif line.startswith("#") and line.endswith("(%)"):
+            metric = line.lstrip("#").strip()[:-len(" (%)")]
+        elif line.startswith("| scheme |"):
+            columns = [c.strip() for c in line.strip("|").split("|")][1:]
+        elif line.startswith("| ") and columns:
+            scheme, *values = [c.strip() for c in line.strip("|").split("|")]
+            for column, value in zip(columns, values, strict=True):
+                cells[(group, metric, scheme, column)] = value
+    return cells
+
+
+def _t_half_width(values):
+    """Half-width of scipy's 95% Student-t interval: the paper's definition, independent of score.py."""
+    values = np.asarray(values, dtype=np.float64)
+    low, high = scipy.stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=scipy.stats.sem(values))
+    return (high - low) / 2
+
+
+def _intent_values(fraction_dir_and_scheme):
+    return [k / N_ROWS for k in GRID[fraction_dir_and_scheme] if k is not None]
+
+
+# --- the cells ---------------------------------------------------------------------------------
+
+def test_intent_cell_is_the_mean_and_scipy_t_interval_of_the_known_seed_accuracies(plain):
+    out, _ = plain
+    table = _parse_markdown((out / "table.md").read_text(encoding="utf-8"))
+    checked = 0
+    for (scheme, fraction), ks in GRID.items():
+        values = _intent_values((scheme, fraction))
+        if len(values) < 2:
+            continue
+        expected = f"{100 * np.mean(values):.1f} ± {100 * _t_half_width(values):.1f}"
+        assert table[("all", "intent", scheme, COLUMN[fraction])].rstrip("†") == expected, (scheme, fraction)
+        checked += 1
+    assert checked == 6
+
+
+def test_json_cell_holds_each_seeds_value_the_mean_and_the_unrounded_half_width(by_lang):
+    _, summary = by_lang
+    cells = {(c["scheme"], c["speech_fraction"]): c for c in summary["cells"]
+             if c["group"] == "all" and c["metric"] == "intent_acc"}
+    for (scheme, fraction), ks in GRID.items():
+        values = _intent_values((scheme, fraction))
+        cell = cells[(scheme, FRACTION[fraction])]
+        assert cell["values"] == pytest.approx(values, abs=1e-12)
+        assert cell["runs"] == len(values) and len(cell["seeds"]) == len(values)
+        assert cell["mean"] == pytest.approx(np.mean(values), abs=1e-12)
+        if len(values) > 1:
+            assert cell["ci95"] == pytest.approx(_t_half_width(values), rel=1e-9)
+        else:
+            assert cell["ci95"] is None
+
+
+def test_a_single_seed_cell_shows_its_value_with_n1_and_no_interval(plain):
+    out, _ = plain
+    table = _parse_markdown((out / "table.md").read_text(encoding="utf-8"))
+    assert table[("all", "intent", "curriculum", "100%")] == f"{100 * 35 / N_ROWS:.1f} (n=1)"
+
+
+def test_daggers_are_exactly_where_the_t_interval_misses_text_onlys(plain):
+    out, _ = plain
+    table = _parse_markdown((out / "table.md").read_text(encoding="utf-8"))
+    base = _intent_values(("text-only", "p0"))
+    expected = set()
+    for (scheme, fraction) in GRID:
+        values = _intent_values((scheme, fraction))
+        if scheme != "text-only" and len(values) > 1:  # text-only is at p0 only: the reference of every column
+            gap = abs(np.mean(values) - np.mean(base))
+            if gap > _t_half_width(values) + _t_half_width(base):
+                expected.add((scheme, COLUMN[fraction]))
+    # The grid was built to hold both kinds, one of them by a hair (direct at 10%).
+    assert expected == {("direct", "10%"), ("direct", "100%"), ("oracle", "0%")}
+    marked = {(scheme, column) for (group, metric, scheme, column), cell in table.items()
+              if metric == "intent" and cell.endswith("†")}
+    assert marked == expected
+
+
+def test_missing_cells_and_seeds_are_skipped_with_a_warning_naming_them(plain):
+    out, stderr = plain
+    table = _parse_markdown((out / "table.md").read_text(encoding="utf-8"))
+    assert table[("all", "SLU-F1", "curriculum", "10%")] == "–"
+    assert "curriculum/p0.1: no runs" in stderr
+    assert "curriculum/p0.02/seed2/pred.jsonl: missing" in stderr
+    rows = list(csv.DictReader(open(out / "table.csv", encoding="utf-8")))
+    assert {int(r["runs"]) for r in rows if r["scheme"] == "curriculum" and r["speech_fraction"] == "0.02"} == {2}
+
+
+def test_csv_and_json_hold_exactly_the_markdown_cells(by_lang):
+    out, summary = by_lang
+    table = _parse_markdown((out / "table.md").read_text(encoding="utf-8"))
+    shown = {k: v for k, v in table.items() if v != "–"}
+    rows = list(csv.DictReader(open(out / "table.csv", encoding="utf-8")))
+    assert len(rows) == len(summary["cells"]) == len(shown) == 3 * 3 * len(GRID)  # groups x metrics x cells
+    for row, cell in zip(rows, summary["cells"], strict=True):
+        key = (row["group"], score.LABELS[row["metric"]], row["scheme"], report.fraction_label(cell["speech_fraction"]))
+        assert shown[key] == row["cell"] == cell["cell"]
+        assert (row["group"], row["metric"], row["scheme"]) == (cell["group"], cell["metric"], cell["scheme"])
+        assert float(row["speech_fraction"]) == cell["speech_fraction"]
+        assert int(row["runs"]) == cell["runs"] == len(cell["values"])
+        assert float(row["mean"]) == cell["mean"] == pytest.approx(np.mean(cell["values"]))
+        assert (row["ci95"] == "") == (cell["ci95"] is None)
+        assert bool(int(row["dagger"])) == cell["dagger"] == row["cell"].endswith("†")
+        assert row["cell"].startswith(f"{100 * cell['mean']:.1f}")
+
+
+def test_tables_equal_the_ones_built_by_hand_from_the_files_with_score_py(grid, by_lang):
+    out, _ = by_lang
+    table = _parse_markdown((out / "table.md").read_text(encoding="utf-8"))
+    gold_path = grid / "test.jsonl"
+    gold = score.load_gold(gold_path, "lang")
+    ids = {row["id"] for row in gold}
+    results = {}
+    for (scheme, fraction) in GRID:
+        paths = sorted((grid / "slurp" / scheme / fraction).glob("seed*/pred.jsonl"))
+        results[(scheme, fraction)] = score.evaluate(gold, [score.load_predictions(p, ids, gold_path)
+                                                            for p in paths], by="lang")
+
+    def by_hand(result, reference, metric):
+        if "ci95" not in result:
+            return f"{100 * result[metric]:.1f} (n=1)"
+        mean, half = score.t_interval([run[metric] for run in result["runs"]])
+        dagger = reference is not None and not score.intervals_overlap(
+            (mean, half), score.t_interval([run[metric] for run in reference["runs"]]))
+        return f"{100 * mean:.1f} ± {100 * half:.1f}" + ("†" if dagger else "")
+
+    expected = {}
+    for group in ("all", "lang=de", "lang=en"):
+        pick = (lambda r: r) if group == "all" else (lambda r, g=group: r["by_lang"][g[5:]])
+        reference = pick(results[("text-only", "p0")])
+        for (scheme, fraction), result in results.items():
+            for metric in report.DEFAULT_METRICS:
+                ref = None if scheme == "text-only" else reference
+                expected[(group, score.LABELS[metric], scheme, COLUMN[fraction])] = by_hand(pick(result), ref, metric)
+    assert {k: v for k, v in table.items() if v != "–"} == expected
+    # The languages really differ (k correct rows split unevenly), so the per-language sections are not copies.
+    assert table[("lang=en", "intent", "direct", "2%")] != table[("lang=de", "intent", "direct", "2%")]
+
+
+def test_relative_improvement_is_the_percent_change_of_slu_f1_over_text_only_per_language(grid, by_lang):
+    _, summary = by_lang
+    gold_path = grid / "test.jsonl"
+    gold = score.load_gold(gold_path, "lang")
+    ids = {row["id"] for row in gold}
+
+    def mean_slu_f1(scheme, fraction, lang):
+        paths = sorted((grid / "slurp" / scheme / fraction).glob("seed*/pred.jsonl"))
+        runs = [score.load_predictions(p, ids, gold_path) for p in paths]
+        return np.mean([score.score_rows([g for g in gold if g["lang"] == lang], preds)["slu_f1"] for preds in runs])
+
+    got = {(i["group"], i["scheme"], i["speech_fraction"]): i["relative_improvement"]
+           for i in summary["relative_improvement"]}
+    for lang in ("de", "en"):
+        base = mean_slu_f1("text-only", "p0", lang)
+        for (scheme, fraction) in GRID:
+            if scheme != "text-only":
+                expected = (mean_slu_f1(scheme, fraction, lang) - base) / base * 100
+                assert got[(f"lang={lang}", scheme, FRACTION[fraction])] == pytest.approx(expected, rel=1e-9)
+    assert got[("lang=en", "oracle", 0.0)] > got[("lang=en", "direct", 0.02)] > 0
+
+
+# --- figures and files -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["slu_f1_vs_fraction.png", "relative_improvement.png"])
+def test_figures_are_real_non_blank_pngs(by_lang, name):
+    out, _ = by_lang
+    path = out / name
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 10_000
+    pixels = matplotlib.image.imread(path)
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) > 200
+    assert pixels.var() > 0
+    colours = np.unique((pixels[..., :3] * 255).round().astype(np.uint8).reshape(-1, 3), axis=0)
+    assert len(colours) > 20  # lines, bands and bars in several colours, not a blank canvas
+
+
+def test_plain_report_has_no_per_language_figure_and_leaves_no_temporary_files(plain, by_lang):
+    out, _ = plain
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "slu_f1_vs_fraction.png", "table.csv",
+                                                       "table.md"]
+    assert not [p for p in by_lang[0].iterdir() if p.name.startswith(".")]
+
+
+def test_metric_flag_writes_only_that_section(grid, tmp_path):
+    assert report.main(["--grid", str(grid / "slurp"), "--gold", str(grid / "test.jsonl"), "--out", str(tmp_path),
+                        "--metric", "entity_f1"]) == 0
+    table = _parse_markdown((tmp_path / "table.md").read_text(encoding="utf-8"))
+    assert {metric for (_, metric, _, _) in table} == {"entity F1"}
+    # The figure shows SLU-F1 whatever the tables hold.
+    assert (tmp_path / "slu_f1_vs_fraction.png").stat().st_size > 10_000
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, named, expected", [
+    ("curiculum/p0.02/seed0", "curiculum", "unknown scheme directory"),
+    ("direct/0.02/seed0", "direct/0.02", "expected a speech-fraction directory p<fraction>"),
+    ("direct/p2/seed0", "direct/p2", "fraction in [0, 1]"),
+    ("direct/p0.02/run0", "direct/p0.02/run0", "expected a seed directory seed<k>"),
+])
+def test_a_directory_off_the_layout_is_an_error_naming_it(tmp_path, capsys, bad, named, expected):
+    gold = _gold_rows()
+    _write_jsonl(tmp_path / "test.jsonl", gold)
+    _write_jsonl(tmp_path / "g" / "text-only" / "p0" / "seed0" / "pred.jsonl", _predictions(gold, 20))
+    _write_jsonl(tmp_path / "g" / bad / "pred.jsonl", _predictions(gold, 20))
+    assert report.main(["--grid", str(tmp_path / "g"), "--gold", str(tmp_path / "test.jsonl"),
+                        "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'g' / named}: " in err and expected in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_prediction_id_not_in_the_gold_file_is_an_error_naming_file_and_line(tmp_path, capsys):
+    gold = _gold_rows()
+    _write_jsonl(tmp_path / "test.jsonl", gold)
+    preds = _predictions(gold, 20)
+    preds[3]["id"] = "nope"
+    pred_path = tmp_path / "g" / "direct" / "p0.02" / "seed0" / "pred.jsonl"
+    _write_jsonl(pred_path, preds)
+    assert report.main(["--grid", str(tmp_path / "g"), "--gold", str(tmp_path / "test.jsonl"),
+                        "--out", str(tmp_path / "out")]) == 2
+    assert f"{pred_path}:4: id 'nope' is not in" in capsys.readouterr().err
