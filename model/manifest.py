@@ -1,0 +1,190 @@
+"""The manifest format every stage shares: one JSON object per line, one utterance-label pair per row.
+
+    {"id": "slurp-9054", "lang": "en", "text": "event reminder mona tuesday", "audio": null,
+     "scenario": "calendar", "action": "set",
+     "entities": [{"type": "event_name", "filler": "mona"}, {"type": "date", "filler": "tuesday"}]}
+
+A row whose `audio` is a path is a speech-label pair (the transcript stays in `text` for oracle runs);
+`"audio": null` makes it a transcript-label pair. Extra fields (speaker, corpus, split, ...) are kept
+as they are. A relative `audio` path is relative to the manifest file's own directory, so a folder
+holding a manifest and its audio can be moved as a whole.
+
+Everything that reads or writes manifests goes through this file, so a malformed row fails here with
+the file, line and field named, not three stages later as a KeyError inside a training step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+# Required fields and the JSON types they must have. `audio` may also be null.
+REQUIRED_FIELDS: dict[str, type] = {
+    "id": str,
+    "lang": str,
+    "text": str,
+    "audio": str,
+    "scenario": str,
+    "action": str,
+    "entities": list,
+}
+SPLITS = ("train", "devel", "test")
+
+
+class ManifestError(ValueError):
+    """Bad input data. The message names the file, line and field and says what was expected."""
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for every non-blank line of a JSONL file (line numbers from 1)."""
+    path = Path(path)
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot open: {e.strerror}") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ManifestError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else {str: "string", list: "list", dict: "object", bool: "boolean",
+                                         int: "number", float: "number"}.get(type(value), type(value).__name__)
+
+
+def validate_row(row: Any, where: str) -> None:
+    """Raise ManifestError (prefixed by `where`, e.g. "train.jsonl:12") unless `row` is a valid row."""
+    if not isinstance(row, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {_type_name(row)}")
+    for name, kind in REQUIRED_FIELDS.items():
+        if name not in row:
+            raise ManifestError(f"{where}: missing required field '{name}'")
+        value = row[name]
+        if name == "audio" and value is None:
+            continue
+        if not isinstance(value, kind):
+            expected = "a string or null" if name == "audio" else f"a {_type_name(kind())}"
+            raise ManifestError(f"{where}: field '{name}': expected {expected}, got {_type_name(value)}")
+        # Empty labels are never meaningful; an empty text or audio path is a bug upstream.
+        if kind is str and not value.strip():
+            raise ManifestError(f"{where}: field '{name}': expected a non-empty string")
+    for i, ent in enumerate(row["entities"]):
+        field = f"entities[{i}]"
+        if not isinstance(ent, dict):
+            raise ManifestError(f"{where}: field '{field}': expected an object {{\"type\", \"filler\"}}, "
+                                f"got {_type_name(ent)}")
+        for key in ("type", "filler"):
+            if not isinstance(ent.get(key), str) or not ent[key].strip():
+                got = "missing" if key not in ent else _type_name(ent[key])
+                raise ManifestError(f"{where}: field '{field}.{key}': expected a non-empty string, got {got}")
+
+
+def read_manifest(path: str | os.PathLike, *, check_audio_exists: bool = False) -> list[dict]:
+    """Read and validate a manifest. Relative audio paths come back absolute (resolved against the
+    manifest's directory). Errors: malformed JSON, a missing or mistyped field, a duplicate id, an
+    empty file, and (with check_audio_exists) an audio file that is not there."""
+    path = Path(path)
+    base = path.resolve().parent
+    rows, seen = [], {}
+    for lineno, row in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        validate_row(row, where)
+        if row["id"] in seen:
+            raise ManifestError(f"{where}: field 'id': duplicate id {row['id']!r} (first on line {seen[row['id']]})")
+        seen[row["id"]] = lineno
+        if row["audio"] is not None:
+            audio = Path(row["audio"])
+            row["audio"] = str(audio if audio.is_absolute() else base / audio)
+            if check_audio_exists and not os.path.isfile(row["audio"]):
+                raise ManifestError(f"{where}: field 'audio': file not found: {row['audio']}")
+        rows.append(row)
+    if not rows:
+        raise ManifestError(f"{path}: no rows (an empty manifest is never useful; check the split)")
+    return rows
+
+
+def _check_rows(rows: Iterable[dict], name: str) -> list[dict]:
+    rows = list(rows)
+    seen = {}
+    for i, row in enumerate(rows, 1):
+        validate_row(row, f"{name}:{i}")
+        if row["id"] in seen:
+            raise ManifestError(f"{name}:{i}: field 'id': duplicate id {row['id']!r} (first in row {seen[row['id']]})")
+        seen[row["id"]] = i
+    return rows
+
+
+def _dump(rows: list[dict], f) -> None:
+    for row in rows:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_manifest(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Validate `rows` and write them to `path` atomically (temp file in the same folder, then rename):
+    a reader never sees half a file, and a failure leaves the old file, if any, untouched."""
+    path = Path(path)
+    rows = _check_rows(rows, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            _dump(rows, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_split_dir(out_dir: str | os.PathLike, splits: dict[str, list[dict]]) -> None:
+    """Write `{split}.jsonl` for every split into `out_dir`, all or nothing.
+
+    Everything is validated first (an empty split is an error) and written into a temporary sibling
+    folder, which is then renamed to `out_dir`. An existing `out_dir` is replaced only if it holds
+    nothing but .jsonl files (an earlier run's output); anything else there is refused rather than
+    deleted. On any error no `out_dir` is left behind (or the old one is left as it was).
+    """
+    out_dir = Path(out_dir)
+    checked = {}
+    for split, rows in splits.items():
+        rows = _check_rows(rows, f"{out_dir / split}.jsonl")
+        if not rows:
+            raise ManifestError(f"{out_dir / split}.jsonl: split '{split}' is empty (no rows to write)")
+        checked[split] = rows
+    if not checked:
+        raise ManifestError(f"{out_dir}: no splits to write")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ManifestError(f"{out_dir}: exists and is not a directory")
+        others = [p.name for p in out_dir.iterdir() if not (p.is_file() and p.suffix == ".jsonl")]
+        if others:
+            raise ManifestError(f"{out_dir}: exists and holds files other than manifests ({', '.join(sorted(others)[:5])});"
+                                " refusing to replace it: choose another --out or empty it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        for split, rows in checked.items():
+            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
+                _dump(rows, f)
+        if out_dir.exists():
+            # Swap: old aside, new in, old removed. Two renames, so a crash leaves one complete folder.
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.rmdir(old)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

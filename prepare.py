@@ -1,0 +1,587 @@
+"""Stage 1: turn a corpus as distributed into sluice manifests, DIR/{train,devel,test}.jsonl.
+
+    python prepare.py demo   --out data/prepared/demo                # the bundled corpus (train.py's default)
+    python prepare.py demo   --regenerate                            # rebuild data/demo/ with espeak-ng
+    python prepare.py slurp  --annotations slurp/dataset/slurp --audio-dir slurp_real --out DIR
+    python prepare.py massive --massive-dir amazon-massive-dataset-1.1 --locales fr-FR de-DE --out DIR
+    python prepare.py speech-massive --speech-massive-dir EXPORT --locales fr-FR --out DIR
+    python prepare.py italic --italic-dir EXPORT --massive-dir amazon-massive-dataset-1.1 --out DIR
+
+The manifest format is model/manifest.py's: one JSON object per line with id, lang, text, audio (a path,
+or null for a transcript-label pair), scenario, action, entities [{type, filler}]. Every utterance gives
+one transcript row (audio null); every recording gives one speech row carrying the same labels and,
+in `utt_id`, the id of its transcript row. `lang` is the ISO 639-1 code ("en", "fr", ...); the full
+locale, where the corpus has one, is kept in `locale`.
+
+Per corpus:
+  slurp           the release's {train,devel,test}.jsonl, real recordings only (train_synthetic.jsonl is not
+                  read). Transcript ids are `slurp-<slurp_id>`; a speech row's id is its recording's file
+                  name, which is how the official SLURP scorer keys predictions. Entity fillers are formed as
+                  the official scorer forms gold (scripts/evaluation/util.py, release2prediction): the
+                  lower-cased surfaces of the span's tokens, joined by single spaces.
+  massive         MASSIVE 1.1, one {locale}.jsonl per locale (fields id, locale, partition, scenario,
+                  intent, utt, annot_utt); transcripts only. Partitions train/dev/test -> train/devel/test.
+  speech-massive  Speech-MASSIVE is distributed as per-locale parquet (Hugging Face). Reading parquet needs
+                  pyarrow, which sluice does not depend on, so this reads a JSONL export instead:
+                  DIR/{locale}/{train,train_115,validation,test}.jsonl, each line the dataset's row without
+                  the decoded array and with "audio" the path of the recording (relative to that jsonl's
+                  folder). One way to make it, where `datasets` is installed:
+                      ds = load_dataset("FBK-MT/Speech-MASSIVE", "fr-FR", split="validation")
+                      ds = ds.cast_column("audio", datasets.Audio(decode=False))
+                      for r in ds: write r["audio"]["bytes"] to audio/<name>; write the other fields and
+                                   "audio": "audio/<name>" as one JSON line
+                  (the test split is the separate FBK-MT/Speech-MASSIVE-test dataset). Audio is read in
+                  place. --few-shot takes train from train_115 (the 115-utterance few-shot split).
+  italic          ITALIC, likewise as a JSONL export: DIR/{train,validation,test}.jsonl with id, scenario,
+                  intent, utt, "audio" (path) and speaker fields. ITALIC rows carry no slot markup, so
+                  annot_utt is joined from MASSIVE it-IT by id (--massive-dir); the summary says so.
+  demo            the small English/French corpus bundled in data/demo/ (see its README.md).
+
+Audio: by default each audio path must exist; missing files are an error that lists the first few and
+the count, unless --skip-missing-audio (those speech rows are then dropped and counted). --check-audio
+decodes every file and prints duration statistics; hours of audio are "?" without it.
+Bad input (malformed JSON, a missing field, bad annot_utt markup, an entity span outside the tokens, a
+duplicate id, an empty split, an undecodable audio file) stops the run with the file, line and field
+named, and leaves no output directory behind.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from scipy.signal import resample_poly
+
+from model.manifest import SPLITS, ManifestError, iter_jsonl, read_manifest, validate_row, write_split_dir
+
+DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Collecting rows: every row remembers where it came from, so later checks (duplicate ids, missing or
+# undecodable audio) can name the source file and line, not a line of a file we have not written yet.
+
+class Rows:
+    def __init__(self):
+        self.splits: dict[str, list[dict]] = {}
+        self.where: dict[str, str] = {}  # row id -> "file:line" of its source
+        self.notes: list[str] = []       # printed under the summary (joins, dropped rows, ...)
+        self.sources: dict[str, list[str]] = {}  # split -> files read for it, named if it ends up empty
+
+    def source(self, split: str, path) -> None:
+        self.sources.setdefault(split, []).append(str(path))
+
+    def add(self, split: str, row: dict, where: str) -> None:
+        validate_row(row, where)
+        if row["id"] in self.where:
+            raise ManifestError(f"{where}: field 'id': duplicate id {row['id']!r} (first at {self.where[row['id']]})")
+        self.where[row["id"]] = where
+        self.splits.setdefault(split, []).append(row)
+
+
+def lang_of(locale: str) -> str:
+    return locale.split("-")[0].split("_")[0].lower()
+
+
+def need(obj: dict, field: str, kind: type | tuple, where: str):
+    """obj[field], which must exist and be of type `kind`; else an error naming where and the field."""
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{where}: expected an object with field '{field}', got {type(obj).__name__}")
+    if field not in obj:
+        raise ManifestError(f"{where}: missing required field '{field}'")
+    value = obj[field]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ManifestError(f"{where}: field '{field}': expected {names}, got {type(value).__name__}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------
+# MASSIVE's slot markup: "wake me up at [time : five am] [date : tomorrow]". The parser keeps the text
+# between markup verbatim, so render(parse(s)) == s: nothing is normalised away silently.
+
+ENTITY_TYPE = re.compile(r"[a-z][a-z0-9_]*\Z")
+
+
+def parse_annot(s: str, where: str = "annot_utt") -> list:
+    """Split annot_utt into segments: plain strings and (type, filler) pairs."""
+    segments, i = [], 0
+    while i < len(s):
+        open_at, close_at = s.find("[", i), s.find("]", i)
+        if close_at != -1 and (open_at == -1 or close_at < open_at):
+            raise ManifestError(f"{where}: field 'annot_utt': unbalanced ']' at character {close_at} in {s!r}")
+        if open_at == -1:
+            segments.append(s[i:])
+            break
+        if open_at > i:
+            segments.append(s[i:open_at])
+        nested = s.find("[", open_at + 1)
+        if close_at == -1 or (nested != -1 and nested < close_at):
+            raise ManifestError(f"{where}: field 'annot_utt': unbalanced '[' at character {open_at} in {s!r}")
+        body = s[open_at + 1:close_at]
+        etype, sep, filler = body.partition(" : ")
+        if not sep or not ENTITY_TYPE.match(etype) or not filler.strip():
+            raise ManifestError(f"{where}: field 'annot_utt': unknown markup [{body}] in {s!r}; "
+                                "expected [type : filler] with a lower-case type")
+        segments.append((etype, filler))
+        i = close_at + 1
+    return segments
+
+
+def render_annot(segments: list) -> str:
+    return "".join(seg if isinstance(seg, str) else f"[{seg[0]} : {seg[1]}]" for seg in segments)
+
+
+def annot_text(segments: list) -> str:
+    return "".join(seg if isinstance(seg, str) else seg[1] for seg in segments)
+
+
+def annot_entities(segments: list) -> list[dict]:
+    return [{"type": seg[0], "filler": seg[1]} for seg in segments if not isinstance(seg, str)]
+
+
+def massive_labels(rec: dict, where: str, annot: str | None = None) -> dict:
+    """scenario, action, entities and text of a MASSIVE-style record (MASSIVE, Speech-MASSIVE, ITALIC).
+    Speech-MASSIVE stores scenario/intent as class indices with the names in *_str fields."""
+    scenario = rec.get("scenario_str", rec.get("scenario"))
+    intent = rec.get("intent_str", rec.get("intent"))
+    for field, value in (("scenario", scenario), ("intent", intent)):
+        if not isinstance(value, str) or not value:
+            raise ManifestError(f"{where}: field '{field}': expected the label name (a string), got {value!r}")
+    if not intent.startswith(scenario + "_"):
+        raise ManifestError(f"{where}: field 'intent': {intent!r} does not start with scenario {scenario!r} + '_'")
+    segments = parse_annot(annot if annot is not None else need(rec, "annot_utt", str, where), where)
+    return {"text": need(rec, "utt", str, where), "scenario": scenario, "action": intent[len(scenario) + 1:],
+            "entities": annot_entities(segments), "_annot_text": annot_text(segments)}
+
+
+def checked_labels(rec: dict, where: str) -> dict:
+    """massive_labels, insisting that annot_utt without its markup is the utterance (else the markup is
+    misplaced or belongs to another utterance)."""
+    labels = massive_labels(rec, where)
+    annot = labels.pop("_annot_text")
+    if annot != labels["text"]:
+        raise ManifestError(f"{where}: field 'annot_utt': its text {annot!r} differs from utt {labels['text']!r}")
+    return labels
+
+
+# ----------------------------------------------------------------------------------------------------
+# SLURP
+
+def slurp_entities(ex: dict, where: str) -> list[dict]:
+    """Gold entities exactly as the official scorer forms them: lower-cased token surfaces of the span
+    joined by spaces (so "Jessica's" becomes "jessica 's" where the tokens split it)."""
+    tokens = need(ex, "tokens", list, where)
+    out = []
+    for i, ent in enumerate(need(ex, "entities", list, where)):
+        field = f"entities[{i}]"
+        span = need(ent, "span", list, f"{where}: {field}")
+        etype = need(ent, "type", str, f"{where}: {field}")
+        if not span:
+            raise ManifestError(f"{where}: field '{field}.span': empty span")
+        for k in span:
+            if not isinstance(k, int) or not 0 <= k < len(tokens):
+                raise ManifestError(f"{where}: field '{field}.span': token index {k!r} outside the "
+                                    f"{len(tokens)} tokens (0..{len(tokens) - 1})")
+        surfaces = [need(tokens[k], "surface", str, f"{where}: tokens[{k}]") for k in span]
+        out.append({"type": etype, "filler": " ".join(s.lower() for s in surfaces)})
+    return out
+
+
+def load_slurp(annotations: Path, audio_dir: Path, splits: list[str]) -> Rows:
+    rows = Rows()
+    for split in splits:
+        path = annotations / f"{split}.jsonl"
+        if not path.is_file():
+            raise ManifestError(f"{path}: not found (expected the SLURP release's {split}.jsonl in --annotations)")
+        rows.source(split, path)
+        for lineno, ex in iter_jsonl(path):
+            where = f"{path}:{lineno}"
+            slurp_id = need(ex, "slurp_id", (int, str), where)
+            labels = {"scenario": need(ex, "scenario", str, where), "action": need(ex, "action", str, where),
+                      "entities": slurp_entities(ex, where)}
+            utt_id = f"slurp-{slurp_id}"
+            common = {"lang": "en", "text": need(ex, "sentence", str, where), **labels,
+                      "corpus": "slurp", "slurp_id": slurp_id}
+            rows.add(split, {"id": utt_id, "audio": None, **common}, where)
+            for j, rec in enumerate(need(ex, "recordings", list, where)):
+                name = need(rec, "file", str, f"{where}: recordings[{j}]")
+                rows.add(split, {"id": name, "audio": str(audio_dir / name), **common, "utt_id": utt_id}, where)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# MASSIVE, Speech-MASSIVE, ITALIC
+
+MASSIVE_PARTITIONS = {"train": "train", "dev": "devel", "test": "test"}
+
+
+def massive_files(massive_dir: Path, locales: list[str] | None) -> list[Path]:
+    data = massive_dir / "data" if (massive_dir / "data").is_dir() else massive_dir
+    if locales:
+        files = [data / f"{loc}.jsonl" for loc in locales]
+        for f in files:
+            if not f.is_file():
+                raise ManifestError(f"{f}: not found (expected MASSIVE's {f.stem}.jsonl under {data})")
+        return files
+    files = sorted(data.glob("*.jsonl"))
+    if not files:
+        raise ManifestError(f"{data}: no <locale>.jsonl files (expected the MASSIVE 1.1 release's data folder)")
+    return files
+
+
+def load_massive(massive_dir: Path, locales: list[str] | None) -> Rows:
+    rows = Rows()
+    for path in massive_files(massive_dir, locales):
+        for split in SPLITS:
+            rows.source(split, path)
+        for lineno, rec in iter_jsonl(path):
+            where = f"{path}:{lineno}"
+            locale = need(rec, "locale", str, where)
+            partition = need(rec, "partition", str, where)
+            if partition not in MASSIVE_PARTITIONS:
+                raise ManifestError(f"{where}: field 'partition': expected one of {sorted(MASSIVE_PARTITIONS)}, "
+                                    f"got {partition!r}")
+            labels = checked_labels(rec, where)
+            rows.add(MASSIVE_PARTITIONS[partition],
+                     {"id": f"massive-{locale}-{need(rec, 'id', (str, int), where)}", "lang": lang_of(locale),
+                      "audio": None, **labels, "locale": locale, "corpus": "massive"}, where)
+    return rows
+
+
+def refuse_columnar(folder: Path, corpus: str) -> None:
+    """A clear error for the parquet/arrow distribution, which needs pyarrow (not a sluice dependency).
+    Looks three levels down only: these folders can hold a hundred thousand audio files."""
+    def near(pattern):
+        return [p for depth in ("", "*/", "*/*/") for p in folder.glob(depth + pattern)]
+    found = near("*.parquet") + near("*.arrow")
+    if found and not near("*.jsonl"):
+        raise ManifestError(f"{found[0]}: {corpus} as parquet/arrow needs pyarrow, which sluice does not "
+                            "depend on; export it to JSONL plus audio files first (see `python prepare.py --help`)")
+
+
+def audio_path(rec: dict, where: str, base: Path) -> str:
+    audio = rec.get("audio")
+    if not isinstance(audio, str) or not audio:
+        got = "missing" if "audio" not in rec else type(audio).__name__
+        raise ManifestError(f"{where}: field 'audio': expected the path of the recording (a string), got {got}"
+                            " (decoded arrays are not read: export audio to files)")
+    return str(base / audio) if not os.path.isabs(audio) else audio
+
+
+def add_speech_rows(rows: Rows, split: str, recs, corpus: str, locale: str, labels_of) -> None:
+    """One transcript row per utterance id and one speech row per recording, for a speech corpus."""
+    seen_utt = set()
+    for where, rec, audio in recs:
+        labels = labels_of(rec, where)
+        utt_id = f"{corpus}-{locale}-{need(rec, 'id', (str, int), where)}"
+        common = {"lang": lang_of(locale), **labels, "locale": locale, "corpus": corpus}
+        if utt_id not in seen_utt:
+            seen_utt.add(utt_id)
+            rows.add(split, {"id": utt_id, "audio": None, **common}, where)
+        speaker = rec.get("speaker_id")
+        rows.add(split, {"id": f"{corpus}-{locale}-{Path(audio).name}", "audio": audio, **common,
+                         "utt_id": utt_id, **({"speaker": str(speaker)} if speaker is not None else {})}, where)
+
+
+def read_export(path: Path):
+    """(where, record, absolute audio path) for each line of a JSONL export."""
+    for lineno, rec in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        yield where, rec, audio_path(rec, where, path.parent)
+
+
+def load_speech_massive(root: Path, locales: list[str] | None, few_shot: bool) -> Rows:
+    refuse_columnar(root, "Speech-MASSIVE")
+    locales = locales or sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not locales:
+        raise ManifestError(f"{root}: no <locale>/ folders (expected the JSONL export described in --help)")
+    rows = Rows()
+    sources = {"train": "train_115" if few_shot else "train", "devel": "validation", "test": "test"}
+    for locale in locales:
+        for split, name in sources.items():
+            path = root / locale / f"{name}.jsonl"
+            if not path.is_file():
+                raise ManifestError(f"{path}: not found (Speech-MASSIVE {locale} split '{name}'"
+                                    + ("; only fr-FR and de-DE have a full train split: try --few-shot" if name == "train" else "") + ")")
+            rows.source(split, path)
+            add_speech_rows(rows, split, read_export(path), "speech-massive", locale, checked_labels)
+    if few_shot:
+        rows.notes.append("train = Speech-MASSIVE train_115 (few-shot split)")
+    return rows
+
+
+def load_italic(root: Path, massive_dir: Path | None) -> Rows:
+    refuse_columnar(root, "ITALIC")
+    massive = {}
+    if massive_dir is not None:
+        for path in massive_files(massive_dir, ["it-IT"]):
+            for lineno, rec in iter_jsonl(path):
+                massive[str(need(rec, "id", (str, int), f"{path}:{lineno}"))] = (rec, f"{path}:{lineno}")
+    joined = Counter()
+
+    def labels_of(rec, where):
+        if "annot_utt" in rec:
+            return checked_labels(rec, where)
+        if massive_dir is None:
+            raise ManifestError(f"{where}: field 'annot_utt': missing; ITALIC has no slot markup, pass "
+                                "--massive-dir to join it from MASSIVE it-IT by id")
+        rid = str(need(rec, "id", (str, int), where))
+        if rid not in massive:
+            raise ManifestError(f"{where}: field 'id': {rid!r} not found in MASSIVE it-IT ({massive_dir})")
+        mrec, mwhere = massive[rid]
+        # Labels from MASSIVE (its markup checked against its own utt); the text stays ITALIC's.
+        mlabels = checked_labels(mrec, mwhere)
+        labels = massive_labels(rec, where, annot=mrec["annot_utt"])
+        labels.pop("_annot_text")
+        if (labels["scenario"], labels["action"]) != (mlabels["scenario"], mlabels["action"]):
+            raise ManifestError(f"{where}: field 'intent': {labels['scenario']}_{labels['action']} differs from "
+                                f"MASSIVE's {mlabels['scenario']}_{mlabels['action']} at {mwhere}")
+        joined["rows"] += 1
+        joined["text differs"] += labels["text"] != mlabels["text"]
+        return labels
+
+    rows = Rows()
+    for split, name in {"train": "train", "devel": "validation", "test": "test"}.items():
+        path = root / f"{name}.jsonl"
+        if not path.is_file():
+            raise ManifestError(f"{path}: not found (expected ITALIC's {name} split exported as JSONL)")
+        rows.source(split, path)
+        add_speech_rows(rows, split, read_export(path), "italic", "it-IT", labels_of)
+    if joined:
+        rows.notes.append(f"ITALIC rows without slot markup: {joined['rows']} got annot_utt from MASSIVE it-IT by id"
+                          f" ({joined['text differs']} of them with a text that differs from MASSIVE's utt)")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# The bundled demo corpus
+
+def load_demo(demo_dir: Path) -> Rows:
+    rows = Rows()
+    for split in SPLITS:
+        path = demo_dir / f"{split}.jsonl"
+        rows.source(split, path)
+        for i, row in enumerate(read_manifest(path)):  # audio comes back absolute, valid from any --out
+            rows.add(split, row, f"{path}:{i + 1}")
+    return rows
+
+
+def speak(text: str, voice: str, speed: int, sample_rate: int) -> np.ndarray:
+    """espeak-ng's 22.05 kHz synthesis, resampled to `sample_rate`, leading/trailing silence trimmed."""
+    wav = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text],
+                         check=True, capture_output=True).stdout
+    x, sr = sf.read(io.BytesIO(wav), dtype="float32")
+    g = np.gcd(sr, sample_rate)
+    x = resample_poly(x, sample_rate // g, sr // g).astype(np.float32)
+    loud = np.flatnonzero(np.abs(x) > 1e-3)
+    pad = sample_rate // 20
+    return x[max(loud[0] - pad, 0):loud[-1] + pad] if len(loud) else x
+
+
+def build_demo(templates_path: Path, out_dir: Path) -> dict[str, list[dict]]:
+    """Fill the templates (seeded), split per (language, intent) so devel/test texts never occur in
+    train, speak each utterance with espeak-ng, and write audio/ and {split}.jsonl into out_dir."""
+    spec = json.loads(templates_path.read_text(encoding="utf-8"))
+    rng = random.Random(spec["seed"])
+    per_intent, heldout = spec["utterances_per_intent"], spec["heldout_per_intent"]
+    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    (out_dir / "audio").mkdir(parents=True)
+    for lang, lspec in spec["languages"].items():
+        n = 0
+        for intent, templates in lspec["templates"].items():
+            scenario, action = intent.split("_", 1)
+            texts: dict[str, list[dict]] = {}
+            for _ in range(per_intent * 50):  # rejection sampling of distinct fillings
+                if len(texts) == per_intent:
+                    break
+                template = rng.choice(templates)
+                values = {name: rng.choice(lspec["values"][name]) for name in re.findall(r"\{(\w+)\}", template)}
+                text = template.format(**values)
+                order = sorted(values, key=lambda name: template.index("{" + name + "}"))
+                texts.setdefault(text, [{"type": name, "filler": values[name]} for name in order])
+            items = list(texts.items())
+            rng.shuffle(items)
+            cut = {"devel": heldout["devel"], "test": heldout["devel"] + heldout["test"]}
+            for k, (text, entities) in enumerate(items):
+                split = "devel" if k < cut["devel"] else "test" if k < cut["test"] else "train"
+                n += 1
+                utt_id = f"demo-{lang}-{n:04d}"
+                common = {"lang": lang, "text": text, "scenario": scenario, "action": action,
+                          "entities": entities, "corpus": "demo"}
+                splits[split].append({"id": utt_id, "audio": None, **common})
+                for voice in rng.sample(lspec["voices"], spec["speech_rows_per_utterance"][split]):
+                    speed = rng.choice(spec["speeds"])
+                    name = f"{utt_id}-{voice.replace('+', '_')}-{speed}.ogg"
+                    x = speak(text, voice, speed, spec["sample_rate"])
+                    # Lowest Vorbis quality: plenty for 16 kHz synthetic speech, keeps the folder small.
+                    sf.write(out_dir / "audio" / name, x, spec["sample_rate"], format="OGG", subtype="VORBIS",
+                             compression_level=1.0)
+                    splits[split].append({"id": name, "audio": f"audio/{name}", **common, "utt_id": utt_id,
+                                          "voice": voice, "speed": speed})
+    for split, rows in splits.items():
+        with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                validate_row(row, f"{out_dir / split}.jsonl")
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return splits
+
+
+def regenerate_demo(demo_dir: Path, templates_path: Path) -> None:
+    """Rebuild demo_dir's audio/ and {split}.jsonl from the templates, all or nothing: everything is
+    built in a temporary folder first and only then moved over the old files."""
+    if shutil.which("espeak-ng") is None:
+        raise ManifestError("espeak-ng not found on PATH: --regenerate needs it (Debian: apt-get install espeak-ng)")
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo.", dir=demo_dir))
+    try:
+        build_demo(templates_path, tmp)
+        old = demo_dir / "audio"
+        if old.exists():
+            os.replace(old, tmp / "audio.old")
+        os.replace(tmp / "audio", old)
+        for split in SPLITS:
+            os.replace(tmp / f"{split}.jsonl", demo_dir / f"{split}.jsonl")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Audio checks and the summary
+
+def check_audio(rows: Rows, decode: bool, skip_missing: bool) -> dict[str, float]:
+    """Existence (or, with decode, full decoding) of every audio file. Returns row id -> seconds."""
+    missing = [(r["id"], r["audio"]) for split in rows.splits.values() for r in split
+               if r["audio"] is not None and not os.path.isfile(r["audio"])]
+    if missing and not skip_missing:
+        shown = "\n  ".join(f"{path}  (from {rows.where[rid]})" for rid, path in missing[:5])
+        raise ManifestError(f"{len(missing)} audio file(s) not found, e.g.:\n  {shown}\n"
+                            "(pass --skip-missing-audio to drop those speech rows instead)")
+    if missing:
+        gone = {rid for rid, _ in missing}
+        for split in rows.splits:
+            rows.splits[split] = [r for r in rows.splits[split] if r["id"] not in gone]
+        rows.notes.append(f"--skip-missing-audio: dropped {len(gone)} speech rows whose audio is missing")
+    durations = {}
+    if decode:
+        for split in rows.splits.values():
+            for r in split:
+                if r["audio"] is None:
+                    continue
+                try:
+                    x, sr = sf.read(r["audio"], dtype="float32", always_2d=True)
+                except Exception as e:  # libsndfile raises several types; all mean "cannot decode"
+                    raise ManifestError(f"{rows.where[r['id']]}: field 'audio': cannot decode {r['audio']}: {e}") from None
+                if len(x) == 0:
+                    raise ManifestError(f"{rows.where[r['id']]}: field 'audio': {r['audio']} has no samples")
+                durations[r["id"]] = len(x) / sr
+    return durations
+
+
+def summary(splits: dict[str, list[dict]], durations: dict[str, float] | None) -> str:
+    head = ["split", "transcripts", "speech", "hours", "languages", "scenarios", "intents", "entity types"]
+    table = [head]
+    for split, rows in splits.items():
+        speech = [r for r in rows if r["audio"] is not None]
+        h = sum(durations[r["id"]] for r in speech) / 3600 if durations is not None else None
+        hours = "?" if h is None else f"{h:.2f}" if h >= 1 else f"{h:.4f}"
+        table.append([split, str(len(rows) - len(speech)), str(len(speech)), hours,
+                      ",".join(sorted({r["lang"] for r in rows})),
+                      str(len({r["scenario"] for r in rows})),
+                      str(len({(r["scenario"], r["action"]) for r in rows})),
+                      str(len({e["type"] for r in rows for e in r["entities"]}))])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in table)
+
+
+def finish(rows: Rows, out: Path | None, args) -> None:
+    if out is not None and out.exists() and not out.is_dir():
+        raise ManifestError(f"{out}: --out exists and is not a directory")
+    for split in getattr(args, "splits", SPLITS):
+        if not rows.splits.get(split):
+            read = ", ".join(rows.sources.get(split, [])) or "no input file"
+            raise ManifestError(f"split '{split}' is empty: no rows for it in {read}")
+    durations = check_audio(rows, args.check_audio, args.skip_missing_audio)
+    splits = {s: rows.splits[s] for s in SPLITS if s in rows.splits}
+    if out is not None:
+        write_split_dir(out, splits)
+    print(summary(splits, durations if args.check_audio else None))
+    if args.check_audio and durations:
+        d = np.array(list(durations.values()))
+        print(f"audio: {len(d)} files decoded, seconds min {d.min():.2f} / median {np.median(d):.2f} / "
+              f"mean {d.mean():.2f} / max {d.max():.2f}")
+    for note in rows.notes:
+        print("note:", note)
+    if out is not None:
+        print(f"wrote {', '.join(f'{out / s}.jsonl' for s in splits)}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="corpus", required=True, metavar="CORPUS")
+
+    def common(p, out_required=True):
+        p.add_argument("--out", type=Path, required=out_required, help="output folder for {train,devel,test}.jsonl")
+        p.add_argument("--check-audio", action="store_true", help="decode every audio file, report durations")
+        p.add_argument("--skip-missing-audio", action="store_true",
+                       help="drop speech rows whose audio file is missing instead of failing")
+
+    p = sub.add_parser("slurp", help="SLURP (real recordings)")
+    common(p)
+    p.add_argument("--annotations", type=Path, required=True, help="folder with the release's {train,devel,test}.jsonl")
+    p.add_argument("--audio-dir", type=Path, required=True, help="the slurp_real folder of recordings")
+    p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
+    p = sub.add_parser("massive", help="MASSIVE 1.1 (transcripts only)")
+    common(p)
+    p.add_argument("--massive-dir", type=Path, required=True, help="the release folder (or its data/ folder)")
+    p.add_argument("--locales", nargs="+", help="e.g. fr-FR de-DE (default: all found)")
+    p = sub.add_parser("speech-massive", help="Speech-MASSIVE (JSONL export, see above)")
+    common(p)
+    p.add_argument("--speech-massive-dir", type=Path, required=True, help="folder of <locale>/<split>.jsonl")
+    p.add_argument("--locales", nargs="+", help="default: all locale folders found")
+    p.add_argument("--few-shot", action="store_true", help="train from train_115 (115 utterances per locale)")
+    p = sub.add_parser("italic", help="ITALIC (JSONL export), slots joined from MASSIVE it-IT")
+    common(p)
+    p.add_argument("--italic-dir", type=Path, required=True, help="folder of {train,validation,test}.jsonl")
+    p.add_argument("--massive-dir", type=Path, help="MASSIVE 1.1 release, for it-IT slot markup")
+    p = sub.add_parser("demo", help="the bundled English/French demo corpus")
+    common(p, out_required=False)  # no --out: validate the corpus and print its summary
+    p.add_argument("--regenerate", action="store_true", help="rebuild the corpus from its templates with espeak-ng")
+    p.add_argument("--demo-dir", type=Path, default=DEMO_DIR, help="where the corpus lives (default: data/demo)")
+    p.add_argument("--templates", type=Path, help="template file (default: DEMO_DIR/templates.json)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.corpus == "slurp":
+            rows = load_slurp(args.annotations, args.audio_dir.resolve(), args.splits)
+        elif args.corpus == "massive":
+            rows = load_massive(args.massive_dir, args.locales)
+        elif args.corpus == "speech-massive":
+            rows = load_speech_massive(args.speech_massive_dir.resolve(), args.locales, args.few_shot)
+        elif args.corpus == "italic":
+            rows = load_italic(args.italic_dir.resolve(), args.massive_dir)
+        else:
+            if args.regenerate:  # without --out: rebuild (or just check) the corpus, write nothing else
+                regenerate_demo(args.demo_dir, args.templates or args.demo_dir / "templates.json")
+            rows = load_demo(args.demo_dir)
+        finish(rows, args.out, args)
+    except ManifestError as e:
+        print(f"prepare.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
