@@ -100,8 +100,12 @@ def num_frames(n_samples: int) -> int:
 
 
 def bucket_frames(n: int) -> int:
-    """n frames rounded up to a multiple of BUCKET_FRAMES, at most CHUNK_FRAMES."""
-    return min(CHUNK_FRAMES, -(-n // BUCKET_FRAMES) * BUCKET_FRAMES)
+    """Frames to compute for an n-frame clip: n + 2 rounded up to a multiple of BUCKET_FRAMES, at most CHUNK_FRAMES.
+
+    The + 2: the encoder's convolutions read the two frames after the last real one, and the reference sees
+    its padding frames there, not zeros; a bucket ending exactly at the clip would change the last audio token.
+    """
+    return min(CHUNK_FRAMES, -(-(n + 2) // BUCKET_FRAMES) * BUCKET_FRAMES)
 
 
 def log_mel_features(waveform: np.ndarray, out_frames: int | None = None) -> tuple[np.ndarray, int]:

@@ -118,7 +118,7 @@ def test_features_equal_whisper_feature_extractor_on_every_returned_frame(speech
     ref, ref_frames = reference_features(wave)
     assert n_frames == ref_frames
     assert ours.dtype == np.float32
-    assert ours.shape == (128, min(3000, math.ceil(n_frames / 100) * 100))
+    assert ours.shape == (128, min(3000, math.ceil((n_frames + 2) / 100) * 100))
     np.testing.assert_allclose(ours, ref[:, : ours.shape[1]], atol=1e-4, rtol=0)
 
 
@@ -133,6 +133,16 @@ def test_log_floor_uses_the_loudest_frame_even_past_the_bucket_or_the_30s_cut(sp
     ours, n_frames = P.log_mel_features(wave)
     ref, _ = reference_features(wave)
     np.testing.assert_allclose(ours, ref[:, : ours.shape[1]], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("n_frames", [1, 97, 98, 99, 100, 198, 2998, 2999, 3000])
+def test_bucket_keeps_the_two_frames_after_the_clip_that_the_encoder_convolutions_read(n_frames):
+    # conv1 (k=3) and conv2 (k=3, stride 2) read frames L and L+1 past the clip; the reference has its padding
+    # frames there, so a bucket ending exactly at the clip would change the last audio token.
+    T = P.bucket_frames(n_frames)
+    assert T % P.BUCKET_FRAMES == 0 and T <= P.CHUNK_FRAMES
+    assert T >= min(n_frames + 2, P.CHUNK_FRAMES)
+    assert T - P.BUCKET_FRAMES < min(n_frames + 2, P.CHUNK_FRAMES)  # and no bigger than that needs
 
 
 def test_batch_features_pad_every_clip_to_the_longest_bucket_with_the_reference_padding(speech):
