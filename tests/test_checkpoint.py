@@ -363,3 +363,32 @@ def test_failed_export_leaves_the_existing_dir_intact_and_no_temp_dir(hf_dirs, t
     assert sorted(os.listdir(tmp_path)) == ["export"]  # the old copy set aside during the swap is gone too
     assert not (out / "old.txt").exists() and (out / "model.safetensors.index.json").is_file()
     assert_same_tensors(read_tensors(hf_dirs["single"]), read_tensors(out))
+
+
+def test_hf_dir_loaded_by_load_hf_gives_transformers_logits_through_our_forward(hf_dirs, torch_model):
+    # The whole path a user takes: save_pretrained directory -> load_hf -> our Flax forward, against torch.
+    from model import qwen2_audio as qa
+    from model.config import Qwen2AudioConfig as OurConfig
+
+    hf_config, params = load_hf(hf_dirs["single"])
+    config = OurConfig.from_hf_dict(hf_config)
+    abstract = nn.meta.unbox(qa.abstract_params(config, jnp.float32))
+    assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(params)
+    assert jax.tree.leaves(jax.tree.map(lambda a, p: a.shape == p.shape, abstract, params)) == [True] * len(
+        jax.tree.leaves(params))
+
+    rng = np.random.default_rng(0)
+    frames = 130
+    n_audio = ((frames - 1) // 2 + 1 - 2) // 2 + 1
+    ids = np.concatenate([rng.integers(0, 100, 4), [AUDIO_TOKEN] * n_audio, rng.integers(0, 100, 6)])[None]
+    mask = np.ones_like(ids)
+    feats = rng.standard_normal((1, N_MELS, 3000)).astype(np.float32)
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                          input_features=torch.as_tensor(feats),
+                          feature_attention_mask=torch.as_tensor((np.arange(3000) < frames)[None].astype(np.int64))
+                          ).logits.numpy()
+    fwd = jax.jit(qa.forward, static_argnames=("config", "dtype", "remat_policy"))
+    ours = fwd(params, config, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(feats[:, :, :200]),
+               jnp.asarray([frames]))
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
