@@ -8,4 +8,5 @@ Module map (a batch goes manifest -> processor -> qwen2_audio -> loss):
   qwen2_audio.py the Flax model: audio_tower, multi_modal_projector, language_model, KV-cache decode
   sharding.py    the named mesh (data / fsdp / tensor) and the logical-axis table
   checkpoint.py  Hugging Face checkpoint directory <-> Flax parameters
+  generate.py    jit-compiled greedy and beam search (transformers' generate semantics) over the KV cache
 """

@@ -1,0 +1,266 @@
+"""Greedy and beam-search decoding over the KV cache, jit-compiled with static shapes.
+
+Both searches take a batch of LEFT-padded prompts (so every row's last prompt token sits in the last column and
+the model's positions, cumsum(attention_mask)-1, are the same as for the row alone), prefill the cache once,
+then run a `jax.lax.while_loop` of single-token decode steps that stops as soon as every row is finished, or at
+`max_new_tokens`. All shapes are fixed by (batch, prompt length, max_new_tokens, num_beams), so a caller that
+pads those to a few buckets compiles a few programs.
+
+Beam search reproduces transformers 5.23 `generate(num_beams=k, do_sample=False)` token for token (the
+vectorised `_beam_search` of generation/utils.py, which we follow step for step; the names in comments are
+its names):
+  * each step keeps the top K = max(2, 1 + #eos) * k continuations (`beams_to_keep`) of all k beams, ranked by
+    the sum of token log-probs; the top k of them that are NOT eos (or at the length limit) run on;
+  * a continuation that ends in eos is a finished hypothesis only if it is among the top k of the K; its score
+    is sum_logprob / generated_length ** length_penalty, where generated_length counts the new tokens
+    INCLUDING the eos (`cur_len + 1 - decoder_prompt_len`); the k best finished hypotheses are kept;
+  * with early_stopping=False a row stops taking new hypotheses once all k slots are finished and the best
+    running beam's sum_logprob / current_generated_length ** length_penalty is not above the worst finished
+    score (the heuristic of transformers PR 20901; once a row has stopped it stays stopped);
+  * at max_new_tokens every continuation counts as finished, so the top k of the last step fill the slots;
+  * the returned sequence is the best finished hypothesis.
+Greedy is transformers' greedy: argmax of the logits until an eos; finished rows are padded with `pad_id`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model import qwen2_audio
+
+# generation_config.eos_token_id of Qwen2-Audio-7B-Instruct: <|im_end|> ends a chat turn, <|endoftext|> a text.
+EOS_IDS: tuple[int, ...] = (151645, 151643)
+PAD_ID = 151643  # <|endoftext|>; fills the positions after a row's eos
+NEG_INF = -1.0e9  # transformers' "impossible" score; the same constant keeps ties and sums identical
+
+
+class Generated(NamedTuple):
+    tokens: jax.Array   # [B, max_new_tokens] int32: the new tokens, eos included, then pad_id
+    lengths: jax.Array  # [B] int32: how many of them are real (eos included)
+    scores: jax.Array   # [B] float32: greedy: sum of log-probs; beam: the length-penalised hypothesis score
+
+
+def _is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+    return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
+
+
+def _prefill(params, config, input_ids, attention_mask, input_features, feature_lengths, max_new_tokens, dtype):
+    """Run the prompt through the model once; return the next-token fp32 logits [B, V] and the filled cache.
+
+    The prompt's last token goes through decode_step instead of prefill: prefill's logits for every position
+    ([B, S, V] float32, gigabytes for a batch of long audio prompts with a 156k vocabulary) are then unused, so
+    XLA drops their computation. Left padding makes the last column a real token of every row, and it is never
+    an audio token (a prompt ends with the assistant header).
+    """
+    batch, prompt_len = input_ids.shape
+    cache = qwen2_audio.init_cache(config, batch, prompt_len + max_new_tokens, dtype)
+    _, cache = qwen2_audio.prefill(params, config, input_ids[:, :-1], attention_mask[:, :-1], input_features,
+                                   feature_lengths, cache, dtype=dtype)
+    logits, cache = qwen2_audio.decode_step(params, config, input_ids[:, -1], cache, dtype=dtype)
+    return logits.astype(jnp.float32), cache
+
+
+# ---- greedy -----------------------------------------------------------------------------------------------------
+
+class _GreedyState(NamedTuple):
+    step: jax.Array       # number of tokens generated so far
+    tokens: jax.Array     # [B, N]
+    lengths: jax.Array    # [B]
+    scores: jax.Array     # [B]
+    finished: jax.Array   # [B] bool
+    cache: object
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos_ids", "pad_id", "dtype"))
+def greedy_search(params, config, input_ids, attention_mask, input_features=None, feature_lengths=None, *,
+                  max_new_tokens: int, eos_ids: tuple[int, ...] = EOS_IDS, pad_id: int = PAD_ID,
+                  dtype=jnp.bfloat16) -> Generated:
+    """Argmax decoding of left-padded prompts [B, S] until eos or max_new_tokens new tokens."""
+    batch = input_ids.shape[0]
+    logits, cache = _prefill(params, config, input_ids, attention_mask, input_features, feature_lengths,
+                             max_new_tokens, dtype)
+
+    def pick(state: _GreedyState, logits: jax.Array) -> _GreedyState:
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+        live = ~state.finished
+        token = jnp.where(live, token, pad_id)
+        tokens = state.tokens.at[:, state.step].set(token)
+        return _GreedyState(step=state.step + 1, tokens=tokens,
+                            lengths=state.lengths + live.astype(jnp.int32),
+                            scores=state.scores + jnp.where(live, logprob, 0.0),
+                            finished=state.finished | _is_eos(token, eos_ids), cache=state.cache)
+
+    def body(state: _GreedyState) -> _GreedyState:
+        last = state.tokens[:, state.step - 1]
+        logits, cache = qwen2_audio.decode_step(params, config, last, state.cache, dtype=dtype)
+        return pick(state._replace(cache=cache), logits.astype(jnp.float32))
+
+    def running(state: _GreedyState) -> jax.Array:
+        return (state.step < max_new_tokens) & ~jnp.all(state.finished)
+
+    state = _GreedyState(step=jnp.int32(0), tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+                         lengths=jnp.zeros((batch,), jnp.int32), scores=jnp.zeros((batch,), jnp.float32),
+                         finished=jnp.zeros((batch,), bool), cache=cache)
+    state = jax.lax.while_loop(running, body, pick(state, logits))
+    return Generated(tokens=state.tokens, lengths=state.lengths, scores=state.scores)
+
+
+# ---- beam search ------------------------------------------------------------------------------------------------
+
+class _BeamState(NamedTuple):
+    step: jax.Array            # number of tokens generated so far (cur_len - decoder_prompt_len)
+    run_tokens: jax.Array      # [B, k, N] running beams' new tokens (pad_id beyond `step`)
+    run_scores: jax.Array      # [B, k] their summed log-probs, best first
+    run_source: jax.Array      # [B, k] which previous beam each running beam extends (for the cache)
+    fin_tokens: jax.Array      # [B, k, N] finished hypotheses
+    fin_lengths: jax.Array     # [B, k]
+    fin_scores: jax.Array      # [B, k] length-penalised scores, best first; NEG_INF-ish in unused slots
+    fin_filled: jax.Array      # [B, k] bool: the slot holds a real finished hypothesis (is_sent_finished)
+    improvable: jax.Array      # [B] bool: is_early_stop_heuristic_unsatisfied
+    all_hit_stop: jax.Array    # bool: every kept continuation hit eos/max length (no valid continuation)
+    cache: object              # batch axis B*k, beam-major within a row
+
+
+def _per_beam(cache: dict, batch: int, k: int, fn) -> dict:
+    """Apply fn to every batched cache leaf viewed as [..., B, k, ...] (its B*k rows split into row and beam).
+
+    Beam bookkeeping then never crosses rows: the row axis keeps its data-parallel sharding and each device
+    gathers among its own beams, where a jnp.take over the flat B*k axis could make XLA gather the whole cache.
+    """
+    out = {}
+    for name, x in cache.items():
+        axis = qwen2_audio.CACHE_BATCH_AXIS[name]
+        if axis is None:  # shared by all rows (the write index)
+            out[name] = x
+            continue
+        rows = x.reshape(x.shape[:axis] + (batch, -1) + x.shape[axis + 1:])
+        out[name] = fn(rows, axis).reshape(x.shape[:axis] + (batch * k,) + x.shape[axis + 1:])
+    return out
+
+
+def _expand_cache(cache: dict, batch: int, k: int) -> dict:
+    """[.., B, ..] -> [.., B*k, ..]: k copies of each row's prefilled cache (transformers prefills k copies)."""
+    def copies(rows, axis):
+        return jnp.broadcast_to(rows, rows.shape[:axis + 1] + (k,) + rows.shape[axis + 2:])
+    return _per_beam(cache, batch, k, copies)
+
+
+def _reorder_cache(cache: dict, source: jax.Array) -> dict:
+    """Beam j of row b takes the cache of beam source[b, j] of the same row (transformers' reorder_cache)."""
+    batch, k = source.shape
+    def take(rows, axis):
+        index = source.reshape((1,) * axis + (batch, k) + (1,) * (rows.ndim - axis - 2))
+        index = jnp.broadcast_to(index, rows.shape[:axis] + (batch, k) + rows.shape[axis + 2:])
+        return jnp.take_along_axis(rows, index, axis=axis + 1)
+    return _per_beam(cache, batch, k, take)
+
+
+def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x[b, index[b, j], ...] for x [B, n, ...] and index [B, m] (transformers' _gather_beams)."""
+    index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def _beam_step(state: _BeamState, logprobs: jax.Array, *, num_beams: int, beams_to_keep: int,
+               max_new_tokens: int, length_penalty: float, eos_ids: tuple[int, ...]) -> _BeamState:
+    """One step of transformers' `_beam_search` loop body (b. to g.), for log-probs [B, k, V] of the k beams."""
+    batch, k, vocab = logprobs.shape
+    step = state.step
+
+    # b./c. Top K continuations of all beams by accumulated log-prob (_get_top_k_continuations).
+    accumulated = (logprobs + state.run_scores[:, :, None]).reshape(batch, k * vocab)
+    top_logprobs, top_index = jax.lax.top_k(accumulated, beams_to_keep)          # [B, K], best first
+    top_source = top_index // vocab
+    top_token = (top_index % vocab).astype(jnp.int32)
+    top_tokens = _gather(state.run_tokens, top_source)
+    top_tokens = jnp.where(jnp.arange(max_new_tokens) == step, top_token[:, :, None], top_tokens)
+
+    # d. A continuation stops if it ends in eos or reaches the length limit (stopping_criteria).
+    hits_stop = _is_eos(top_token, eos_ids) | (step + 1 >= max_new_tokens)
+
+    # e. The k best continuations that did not stop run on (_get_running_beams_for_next_iteration).
+    running_logprobs = top_logprobs + hits_stop.astype(jnp.float32) * NEG_INF
+    next_index = jax.lax.top_k(running_logprobs, num_beams)[1]
+    run_tokens = _gather(top_tokens, next_index)
+    run_scores = _gather(running_logprobs, next_index)
+    run_source = _gather(top_source, next_index)
+
+    # f. Only stopped continuations among the top k can become finished hypotheses (_update_finished_beams).
+    just_finished = hits_stop & (jnp.arange(beams_to_keep) < num_beams)[None, :]
+    # length ** length_penalty of the new tokens (eos included), computed in float64 and rounded to float32
+    # like transformers' Python-float divisor, so scores match bit for bit for any length_penalty.
+    penalty = jnp.asarray(np.arange(1, max_new_tokens + 1, dtype=np.float64) ** length_penalty, jnp.float32)
+    denominator = penalty[step]
+    finished_scores = top_logprobs / denominator
+    finished_scores = finished_scores + (~state.improvable)[:, None].astype(jnp.float32) * NEG_INF
+    finished_scores = finished_scores + (~just_finished).astype(jnp.float32) * NEG_INF
+    merged_scores = jnp.concatenate([state.fin_scores, finished_scores], axis=1)
+    keep = jax.lax.top_k(merged_scores, num_beams)[1]
+    fin_tokens = _gather(jnp.concatenate([state.fin_tokens, top_tokens], axis=1), keep)
+    fin_lengths = _gather(jnp.concatenate(
+        [state.fin_lengths, jnp.broadcast_to(step + 1, (batch, beams_to_keep))], axis=1), keep)
+    fin_scores = _gather(merged_scores, keep)
+    fin_filled = _gather(jnp.concatenate([state.fin_filled, just_finished], axis=1), keep)
+
+    # g. Could the best running beam still beat the worst finished hypothesis? (_check_early_stop_heuristic,
+    # early_stopping=False: it assumes the running beam ends at the current length.)
+    best_running = run_scores[:, :1] / denominator
+    worst_finished = jnp.where(fin_filled, jnp.min(fin_scores, axis=1, keepdims=True), NEG_INF)
+    improvable = state.improvable & jnp.any(best_running > worst_finished, axis=1)
+
+    return _BeamState(step=step + 1, run_tokens=run_tokens, run_scores=run_scores, run_source=run_source,
+                      fin_tokens=fin_tokens, fin_lengths=fin_lengths, fin_scores=fin_scores,
+                      fin_filled=fin_filled, improvable=improvable,
+                      all_hit_stop=jnp.all(hits_stop), cache=state.cache)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_beams", "max_new_tokens", "length_penalty",
+                                             "eos_ids", "pad_id", "dtype"))
+def beam_search(params, config, input_ids, attention_mask, input_features=None, feature_lengths=None, *,
+                num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
+                eos_ids: tuple[int, ...] = EOS_IDS, pad_id: int = PAD_ID, dtype=jnp.bfloat16) -> Generated:
+    """transformers' beam search (early_stopping=False, no sampling) of left-padded prompts [B, S]."""
+    batch = input_ids.shape[0]
+    k = num_beams
+    beams_to_keep = max(2, 1 + len(eos_ids)) * k
+    logits, cache = _prefill(params, config, input_ids, attention_mask, input_features, feature_lengths,
+                             max_new_tokens, dtype)
+    # transformers prefills the prompt k times; the k copies are identical, so prefill once and copy the cache.
+    cache = _expand_cache(cache, batch, k)
+    step_fn = functools.partial(_beam_step, num_beams=k, beams_to_keep=beams_to_keep,
+                                max_new_tokens=max_new_tokens, length_penalty=length_penalty, eos_ids=eos_ids)
+
+    def body(state: _BeamState) -> _BeamState:
+        # Reorder the cache to the beams that survived the last step (reorder_cache), then feed their last token.
+        cache = _reorder_cache(state.cache, state.run_source)
+        last = state.run_tokens[:, :, state.step - 1].reshape(-1)
+        logits, cache = qwen2_audio.decode_step(params, config, last, cache, dtype=dtype)
+        logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(batch, k, -1)
+        return step_fn(state._replace(cache=cache), logprobs)
+
+    def running(state: _BeamState) -> jax.Array:
+        # _beam_search_has_unfinished_sequences with early_stopping=False.
+        return jnp.any(state.improvable) & ~state.all_hit_stop
+
+    # Only beam 0 is live at the start (the others score NEG_INF), so the first step expands one prompt.
+    state = _BeamState(
+        step=jnp.int32(0),
+        run_tokens=jnp.full((batch, k, max_new_tokens), pad_id, jnp.int32),
+        run_scores=jnp.zeros((batch, k), jnp.float32).at[:, 1:].set(NEG_INF),
+        run_source=jnp.zeros((batch, k), jnp.int32),
+        fin_tokens=jnp.full((batch, k, max_new_tokens), pad_id, jnp.int32),
+        fin_lengths=jnp.zeros((batch, k), jnp.int32),
+        fin_scores=jnp.full((batch, k), NEG_INF, jnp.float32),
+        fin_filled=jnp.zeros((batch, k), bool),
+        improvable=jnp.ones((batch,), bool),
+        all_hit_stop=jnp.bool_(False),
+        cache=cache)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    first = jnp.broadcast_to(logprobs[:, None, :], (batch, k, logprobs.shape[-1]))
+    state = jax.lax.while_loop(running, body, step_fn(state, first))
+    return Generated(tokens=state.fin_tokens[:, 0], lengths=state.fin_lengths[:, 0], scores=state.fin_scores[:, 0])

@@ -1,0 +1,286 @@
+"""model/generate.py and infer.py against transformers' own `generate` on tiny random Qwen2-Audio checkpoints.
+
+The reference is Qwen2AudioForConditionalGeneration.generate (transformers 5.23, PyTorch, fp32) with
+do_sample=False: num_beams=1 (greedy) and num_beams=3, length_penalty=1.0, early_stopping=False (beam search).
+Our searches must give the same token ids. The small model of the search tests has a 512-token vocabulary
+with its own eos ids; scaling the eos rows of its lm_head makes eos likely enough that beams finish early, the
+early-stopping heuristic fires and an early hypothesis can win (the branches a beam search bug hides in).
+"""
+import json
+import subprocess
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import tyro
+from transformers import Qwen2AudioConfig as HFConfig
+from transformers import Qwen2AudioForConditionalGeneration
+
+import infer
+from model import generate, processor, qwen2_audio, sharding
+from model.checkpoint import load_hf
+from model.config import Qwen2AudioConfig
+
+V, AUDIO_ID = 512, 511  # the small search-test model: its own vocabulary, audio token and eos ids
+EOS, PAD = (509, 510), 510
+N_MELS = 128
+
+
+def hf_config(vocab: int, audio_id: int) -> HFConfig:
+    return HFConfig(
+        audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          num_mel_bins=N_MELS, max_source_positions=1500),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512),
+        audio_token_index=audio_id)
+
+
+def build_model(directory: Path, vocab: int = V, audio_id: int = AUDIO_ID, eos_scale: float = 1.0, seed: int = 0):
+    """A random fp32 checkpoint written by save_pretrained: (torch model, our config, our params)."""
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(hf_config(vocab, audio_id)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # larger than the 0.02 init so distributions are peaked, not near-uniform
+            p.copy_(torch.randn_like(p) * 0.2)
+        model.lm_head.weight[list(EOS)] *= eos_scale
+    model.save_pretrained(directory)
+    hf, params = load_hf(directory)
+    return model, Qwen2AudioConfig.from_hf_dict(hf), params
+
+
+@pytest.fixture(scope="module")
+def eos_prone(tmp_path_factory):
+    return build_model(tmp_path_factory.mktemp("eos_prone"), eos_scale=4.0)
+
+
+@pytest.fixture(scope="module")
+def eos_free(tmp_path_factory):
+    return build_model(tmp_path_factory.mktemp("eos_free"), eos_scale=0.0)
+
+
+def cut_at_eos(tokens, eos=EOS) -> list[int]:
+    out = []
+    for t in tokens:
+        out.append(int(t))
+        if t in eos:
+            break
+    return out
+
+
+def reference(model, ids, n_frames=None, features=None, *, num_beams: int, max_new_tokens: int, eos=EOS, pad=PAD):
+    """transformers' generate on one unpadded prompt: (new token ids up to the first eos, decoding steps run)."""
+    kwargs = dict(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    if features is not None:  # the reference always encodes 30 s; the mask says which frames are real
+        kwargs["input_features"] = torch.tensor(features[None])
+        kwargs["feature_attention_mask"] = (torch.arange(features.shape[-1]) < n_frames)[None].long()
+    beam = dict(length_penalty=1.0, early_stopping=False) if num_beams > 1 else {}
+    out = model.generate(**kwargs, **beam, do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                         eos_token_id=list(eos), pad_token_id=pad, return_dict_in_generate=True, output_scores=True)
+    return cut_at_eos(out.sequences[0, len(ids):].tolist(), eos), len(out.scores)
+
+
+def ours(config, params, rows, frames=None, n_frames=None, *, num_beams: int, max_new_tokens: int,
+         batch_sharding=None):
+    """Our search on a left-padded batch of prompts: new token ids of each row (eos included)."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), PAD, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
+    put = (lambda x: jax.device_put(x, batch_sharding)) if batch_sharding is not None else jnp.asarray
+    args = (params, config, put(ids), put(mask))
+    if frames is not None:
+        args += (jnp.asarray(frames), jnp.asarray(n_frames, jnp.int32))
+    kwargs = dict(max_new_tokens=max_new_tokens, eos_ids=EOS, pad_id=PAD, dtype=jnp.float32)
+    if num_beams == 1:
+        out = generate.greedy_search(*args, **kwargs)
+    else:
+        out = generate.beam_search(*args, num_beams=num_beams, **kwargs)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    return [tokens[b, :lengths[b]].tolist() for b in range(len(rows))]
+
+
+def text_prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 500, size=(n, length)).tolist()
+
+
+def audio_prompt(n_frames: int, seed: int):
+    """(ids with the audio tokens expanded, 30 s of random 'features' for the reference)."""
+    rng = np.random.default_rng(seed)
+    n_audio = int(processor.num_audio_tokens(n_frames))
+    ids = rng.integers(0, 500, size=4).tolist() + [AUDIO_ID] * n_audio + rng.integers(0, 500, size=5).tolist()
+    return ids, rng.standard_normal((N_MELS, processor.CHUNK_FRAMES)).astype(np.float32)
+
+
+# ---- greedy -------------------------------------------------------------------------------------------------------
+
+def test_greedy_equals_transformers_on_text_prompts(eos_prone):
+    model, config, params = eos_prone
+    lengths = []
+    for ids in text_prompts(3, 8, seed=1):
+        expected, _ = reference(model, ids, num_beams=1, max_new_tokens=12)
+        assert ours(config, params, [ids], num_beams=1, max_new_tokens=12) == [expected]
+        lengths.append(len(expected))
+    assert max(lengths) < 12  # each stopped at eos (the audio test below runs to max_new_tokens)
+
+
+def test_greedy_equals_transformers_on_an_audio_prompt(eos_free):
+    model, config, params = eos_free
+    ids, features = audio_prompt(n_frames=150, seed=2)
+    expected, _ = reference(model, ids, 150, features, num_beams=1, max_new_tokens=10)
+    assert len(expected) == 10
+    # We encode a 200-frame bucket (the reference's first 200 frames); the reference encodes all 3000.
+    got = ours(config, params, [ids], features[None, :, :200], [150], num_beams=1, max_new_tokens=10)
+    assert got == [expected]
+
+
+# ---- beam search --------------------------------------------------------------------------------------------------
+
+def test_beam_search_equals_transformers_when_hypotheses_end_in_eos(eos_prone):
+    model, config, params = eos_prone
+    lengths, steps = [], []
+    for ids in text_prompts(5, 8, seed=3):
+        expected, n_steps = reference(model, ids, num_beams=3, max_new_tokens=12)
+        assert ours(config, params, [ids], num_beams=3, max_new_tokens=12) == [expected], ids
+        lengths.append(len(expected))
+        steps.append(n_steps)
+    # The cases exercise the finished-hypothesis logic: answers ending in eos, and searches the early-stopping
+    # heuristic ended before max_new_tokens.
+    assert any(n < 12 for n in lengths) and any(s < 12 for s in steps), (lengths, steps)
+
+
+def test_beam_search_equals_transformers_when_max_new_tokens_is_reached(eos_free):
+    model, config, params = eos_free
+    for ids in text_prompts(2, 8, seed=4):
+        expected, n_steps = reference(model, ids, num_beams=3, max_new_tokens=12)
+        assert len(expected) == 12 and n_steps == 12  # no eos: every hypothesis is cut at the limit
+        assert ours(config, params, [ids], num_beams=3, max_new_tokens=12) == [expected]
+
+
+def test_beam_search_equals_transformers_on_an_audio_prompt(eos_prone):
+    model, config, params = eos_prone
+    ids, features = audio_prompt(n_frames=150, seed=5)
+    expected, _ = reference(model, ids, 150, features, num_beams=3, max_new_tokens=10)
+    got = ours(config, params, [ids], features[None, :, :200], [150], num_beams=3, max_new_tokens=10)
+    assert got == [expected]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_left_padded_batch_of_mixed_lengths_equals_each_row_alone(eos_prone, num_beams):
+    _, config, params = eos_prone
+    rows = [text_prompts(1, n, seed=10 + n)[0] for n in (5, 13, 9)]
+    alone = [ours(config, params, [r], num_beams=num_beams, max_new_tokens=10)[0] for r in rows]
+    assert ours(config, params, rows, num_beams=num_beams, max_new_tokens=10) == alone
+    assert len({len(a) for a in alone}) > 1  # the rows finish at different steps
+
+
+@pytest.mark.slow
+def test_beam_search_on_a_data_fsdp_tensor_mesh_equals_one_device(eos_prone):
+    _, config, params = eos_prone
+    rows = [text_prompts(1, n, seed=20 + n)[0] for n in (6, 11, 8, 9)]
+    expected = ours(config, params, rows, num_beams=3, max_new_tokens=8)
+    mesh = sharding.make_mesh(2, 2, 2)
+    placed = jax.device_put(params, sharding.param_shardings(mesh, qwen2_audio.abstract_params(config)))
+    assert len(placed["lm_head"]["kernel"].sharding.device_set) == 8
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        got = ours(config, placed, rows, num_beams=3, max_new_tokens=8, batch_sharding=sharding.batch_sharding(mesh))
+    assert got == expected
+
+
+# ---- infer.py -----------------------------------------------------------------------------------------------------
+
+REAL_VOCAB = 151936  # covers the real tokenizer's ids (151,649) so prompts come from processor.load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def real_vocab_model(tmp_path_factory):
+    """A tiny random checkpoint over the real Qwen2 vocabulary, its model directory, and a 2-row manifest."""
+    root = tmp_path_factory.mktemp("infer")
+    model, _, _ = build_model(root / "hf", vocab=REAL_VOCAB, audio_id=processor.AUDIO_TOKEN_ID)
+    wav = root / "alarm.wav"
+    subprocess.run(["espeak-ng", "-w", str(wav), "wake me up at seven am"], check=True)
+    # Manifest order differs from decoding order (audio rows first, then text rows by length).
+    rows = [
+        {"id": "t_long", "lang": "en", "text": "what is the weather going to be like in paris tomorrow morning",
+         "audio": None, "scenario": "weather", "action": "query",
+         "entities": [{"type": "place_name", "filler": "paris"}]},
+        {"id": "s1", "lang": "en", "text": "wake me up at seven am", "audio": str(wav), "scenario": "alarm",
+         "action": "set", "entities": [{"type": "time", "filler": "seven am"}]},
+        {"id": "t_short", "lang": "en", "text": "play jazz", "audio": None, "scenario": "play", "action": "music",
+         "entities": []},
+    ]
+    manifest = root / "test.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model, root, manifest, rows
+
+
+def reference_text(model, prompt: str, wav=None, *, num_beams: int, max_new_tokens: int) -> str:
+    """What transformers generates for one manifest row, decoded with the special tokens removed."""
+    tok = processor.load_tokenizer()
+    eos = (processor.IM_END_ID, processor.ENDOFTEXT_ID)
+    features = n_frames = None
+    if wav is not None:
+        features, n_frames = processor.log_mel_features(processor.load_audio(wav), out_frames=processor.CHUNK_FRAMES)
+    ids = processor.encode_prompt(tok, prompt, None if wav is None else int(processor.num_audio_tokens(n_frames)))
+    new, _ = reference(model, ids, n_frames, features, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                       eos=eos, pad=processor.ENDOFTEXT_ID)
+    return tok.decode(new, skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_infer_writes_parsed_rows_in_manifest_order_and_matches_transformers(real_vocab_model, tmp_path):
+    model, root, manifest, rows = real_vocab_model
+    out = tmp_path / "preds.jsonl"
+    summary = infer.main(infer.Args(model=str(root / "hf"), manifest=str(manifest), out=str(out), num_beams=3,
+                                    max_new_tokens=6, batch_size=2, dtype="float32"))
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["id"] for g in got] == [r["id"] for r in rows]
+    for g in got:
+        assert set(g) == {"id", "prompt", "generated", "scenario", "action", "entities", "parse_error"}
+    # The speech row is decoded from its audio, the transcript rows from their text.
+    assert processor.AUDIO_TOKEN in got[1]["prompt"] and rows[1]["text"] not in got[1]["prompt"]
+    assert got[0]["prompt"] == processor.build_prompt(rows[0]["text"], audio=False)
+    for g, row in zip(got, rows):
+        assert g["generated"] == reference_text(model, g["prompt"], row["audio"], num_beams=3, max_new_tokens=6)
+    # A random model does not answer in JSON: the raw text is kept, the error recorded and counted, no exception.
+    assert all(g["parse_error"] for g in got) and summary["parse_failures"] == 3
+    assert all(g["scenario"] == "" and g["entities"] == [] for g in got)
+    assert not list(tmp_path.glob(".preds.jsonl*"))  # the temp file was renamed
+
+
+@pytest.mark.slow
+def test_infer_input_text_decodes_speech_rows_from_their_transcripts(real_vocab_model, tmp_path):
+    model, root, manifest, rows = real_vocab_model
+    out = tmp_path / "oracle.jsonl"
+    infer.main(infer.Args(model=str(root), manifest=str(manifest), out=str(out), num_beams=1, max_new_tokens=5,
+                          input="text", dtype="float32"))  # a run directory: its hf/ is used
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert got[1]["prompt"] == processor.build_prompt(rows[1]["text"], audio=False)
+    assert got[1]["generated"] == reference_text(model, got[1]["prompt"], num_beams=1, max_new_tokens=5)
+
+
+def test_an_answer_that_is_not_json_is_kept_with_its_parse_error():
+    row = {"id": "x", "text": "t", "audio": None}
+    out = infer.output_row(row, "PROMPT", 'sure! {"scenario": "alarm", "act')
+    assert out["generated"] == 'sure! {"scenario": "alarm", "act' and out["prompt"] == "PROMPT"
+    assert out["parse_error"] and out["action"] == "" and out["entities"] == []
+
+
+def test_infer_command_line_flags():
+    args = tyro.cli(infer.Args, args=["--model", "tiny", "--manifest", "m.jsonl", "--out", "p.jsonl",
+                                      "--num-beams", "1", "--max-new-tokens", "32", "--batch-size", "4",
+                                      "--input", "text", "--data-parallel", "2", "--fsdp", "2",
+                                      "--tensor-parallel", "2"])
+    assert (args.num_beams, args.max_new_tokens, args.batch_size, args.input) == (1, 32, 4, "text")
+    assert (args.data_parallel, args.fsdp, args.tensor_parallel) == (2, 2, 2)
+
+
+def test_infer_rejects_a_model_path_without_config(tmp_path):
+    with pytest.raises(SystemExit, match="no config.json"):
+        infer.resolve_model_dir(str(tmp_path))
