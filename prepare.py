@@ -4,8 +4,8 @@
     python prepare.py demo   --regenerate                            # rebuild data/demo/ with espeak-ng
     python prepare.py slurp  --annotations slurp/dataset/slurp --audio-dir slurp_real --out DIR
     python prepare.py massive --massive-dir amazon-massive-dataset-1.1 --locales fr-FR de-DE --out DIR
-    python prepare.py speech-massive --speech-massive-dir EXPORT --locales fr-FR --out DIR
-    python prepare.py italic --italic-dir EXPORT --massive-dir amazon-massive-dataset-1.1 --out DIR
+    python prepare.py speech-massive --speech-massive-dir Speech-MASSIVE --locales fr-FR --out DIR
+    python prepare.py italic --italic-dir ITALIC/massive --massive-dir amazon-massive-dataset-1.1 --out DIR
 
 The manifest format is model/manifest.py's: one JSON object per line with id, lang, text, audio (a path,
 or null for a transcript-label pair), scenario, action, entities [{type, filler}]. Every utterance gives
@@ -21,24 +21,32 @@ Per corpus:
                   lower-cased surfaces of the span's tokens, joined by single spaces.
   massive         MASSIVE 1.1, one {locale}.jsonl per locale (fields id, locale, partition, scenario,
                   intent, utt, annot_utt); transcripts only. Partitions train/dev/test -> train/devel/test.
-  speech-massive  Speech-MASSIVE is distributed as per-locale parquet (Hugging Face). Reading parquet needs
-                  pyarrow, which sluice does not depend on, so this reads a JSONL export instead:
-                  DIR/{locale}/{train,train_115,validation,test}.jsonl, each line the dataset's row without
-                  the decoded array and with "audio" the path of the recording (relative to that jsonl's
-                  folder). One way to make it, where `datasets` is installed:
-                      ds = load_dataset("FBK-MT/Speech-MASSIVE", "fr-FR", split="validation")
-                      ds = ds.cast_column("audio", datasets.Audio(decode=False))
-                      for r in ds: write r["audio"]["bytes"] to audio/<name>; write the other fields and
-                                   "audio": "audio/<name>" as one JSON line
-                  (the test split is the separate FBK-MT/Speech-MASSIVE-test dataset). Audio is read in
-                  place. --few-shot takes train from train_115 (the 115-utterance few-shot split).
-  italic          ITALIC, likewise as a JSONL export: DIR/{train,validation,test}.jsonl with id, scenario,
-                  intent, utt, "audio" (path) and speaker fields. ITALIC rows carry no slot markup, so
-                  annot_utt is joined from MASSIVE it-IT by id (--massive-dir); the summary says so.
+  speech-massive  Speech-MASSIVE as the Hugging Face repositories ship it: DIR/<locale>/<split>-*.parquet for
+                  split train (fr-FR and de-DE only), train_115 (the 115-utterance few-shot split) and
+                  validation; test is the separate (gated) FBK-MT/Speech-MASSIVE-test repository, whose
+                  <locale>/test-*.parquet go into the same DIR/<locale>/ folders. Also read, per split:
+                  a `datasets` save_to_disk folder DIR/<locale>/<split>/data-*.arrow, or a JSONL export
+                  DIR/<locale>/<split>.jsonl (the dataset's row with "audio" the path of the recording,
+                  relative to the jsonl's folder; its audio is read in place). Labels are the *_str columns
+                  and annot_utt; --few-shot takes train from train_115. The "all" folder is not read (it
+                  repeats the locales).
+  italic          ITALIC, one configuration (massive, hard_speaker or hard_noisy) in DIR:
+                  {train,validation,test}-*.parquet, {split}/*.parquet (the Hub's parquet conversion),
+                  {split}/data-*.arrow (save_to_disk) or {split}.jsonl (JSONL export as above), with
+                  columns id, utt, intent (a name, or a ClassLabel index), audio, speaker. ITALIC rows carry
+                  no slot markup, so annot_utt (and the scenario, where ITALIC has none) is joined from
+                  MASSIVE it-IT by id (--massive-dir); the summary says so.
   demo            the small English/French corpus bundled in data/demo/ (see its README.md).
 
-Audio: by default each audio path must exist; missing files are an error that lists the first few and
-the count, unless --skip-missing-audio (those speech rows are then dropped and counted). --check-audio
+Audio from parquet/arrow rows (the struct {bytes, path} that `datasets` stores for an Audio column) is
+written once, its encoded bytes unchanged, to OUT/audio/<corpus>/<locale>/<name>, the name being the
+basename of the row's `path` (numbered -1, -2, ... where two rows share one); the manifests refer to it
+relative to OUT, so OUT can be moved as a whole. It is written into a temporary sibling of OUT that is
+renamed to OUT only when everything has been read and checked. An existing OUT is replaced only if it
+holds nothing but an earlier run's output (*.jsonl and audio/<corpus>/). Bad rows are named by file and
+row index (from 0 within that parquet/arrow file, as pyarrow and `datasets` count them).
+Audio given as paths (SLURP, JSONL exports): by default each path must exist; missing files are an
+error that lists the first few and the count, unless --skip-missing-audio (those speech rows are then dropped and counted). --check-audio
 decodes every file and prints duration statistics; hours of audio are "?" without it.
 Bad input (malformed JSON, a missing field, bad annot_utt markup, an entity span outside the tokens, a
 duplicate id, an empty split, an undecodable audio file) stops the run with the file, line and field
@@ -61,9 +69,12 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import pyarrow as pa
+import pyarrow.parquet as pq
 from scipy.signal import resample_poly
 
-from model.manifest import SPLITS, ManifestError, iter_jsonl, read_manifest, validate_row, write_split_dir
+from model.manifest import (SPLITS, ManifestError, iter_jsonl, read_manifest, validate_row, write_manifest,
+                            write_split_dir)
 
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 
@@ -260,15 +271,128 @@ def load_massive(massive_dir: Path, locales: list[str] | None) -> Rows:
     return rows
 
 
-def refuse_columnar(folder: Path, corpus: str) -> None:
-    """A clear error for the parquet/arrow distribution, which needs pyarrow (not a sluice dependency).
-    Looks three levels down only: these folders can hold a hundred thousand audio files."""
-    def near(pattern):
-        return [p for depth in ("", "*/", "*/*/") for p in folder.glob(depth + pattern)]
-    found = near("*.parquet") + near("*.arrow")
-    if found and not near("*.jsonl"):
-        raise ManifestError(f"{found[0]}: {corpus} as parquet/arrow needs pyarrow, which sluice does not "
-                            "depend on; export it to JSONL plus audio files first (see `python prepare.py --help`)")
+# Speech-MASSIVE and ITALIC come as the Hugging Face `datasets` library stores them: parquet shards
+# (<split>-00000-of-00009.parquet, or <split>/0000.parquet as the Hub's parquet converter writes them), or
+# a save_to_disk folder (<split>/data-00000-of-00001.arrow, Arrow IPC stream files). Either way the audio
+# column is a struct {bytes: the encoded file, path: its original name}. Each clip's bytes are written,
+# unchanged, to <out>/audio/<corpus>/<locale>/<name> while the rows are read; that folder is the temporary
+# sibling of --out that is renamed into place at the end, so a failed run leaves neither audio nor manifests.
+
+def columnar_files(folder: Path, split: str) -> list[Path]:
+    """The parquet or arrow shards of one split in `folder`, in shard order."""
+    files = sorted(folder.glob(f"{split}-*.parquet")) or sorted((folder / split).glob("*.parquet"))
+    if files or not (folder / split).is_dir():
+        return files
+    state = folder / split / "state.json"  # save_to_disk lists its shards in order here
+    if state.is_file():
+        try:
+            names = [f["filename"] for f in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ManifestError(f"{state}: expected datasets' save_to_disk state with '_data_files' ({e})") from None
+        return [folder / split / n for n in names]
+    return sorted((folder / split).glob("data-*.arrow"))
+
+
+def class_label_names(schema, path: Path) -> dict[str, list[str]]:
+    """column -> label names for the columns `datasets` stores as ClassLabel (an integer index). The
+    feature types travel in the schema metadata (key b"huggingface"), or, for save_to_disk, also in the
+    folder's dataset_info.json."""
+    info, source = None, path
+    try:
+        if schema.metadata and b"huggingface" in schema.metadata:
+            info = json.loads(schema.metadata[b"huggingface"]).get("info", {})
+        elif (path.parent / "dataset_info.json").is_file():
+            source = path.parent / "dataset_info.json"
+            info = json.loads(source.read_text(encoding="utf-8"))
+    except (ValueError, AttributeError) as e:
+        raise ManifestError(f"{source}: unreadable `datasets` feature metadata ({e})") from None
+    features = (info or {}).get("features") or {}
+    if not isinstance(features, dict):  # not the {name: {"_type": ...}} form datasets writes: no labels
+        return {}
+    return {name: f["names"] for name, f in features.items()
+            if isinstance(f, dict) and f.get("_type") == "ClassLabel" and "names" in f}
+
+
+def iter_columnar(path: Path, required: tuple[str, ...]):
+    """(row index in this file, from 0, as datasets indexes a shard; record) for each row of a parquet or
+    arrow file, ClassLabel indices replaced by their names. Reads a few hundred rows at a time: a
+    Speech-MASSIVE shard holds ~400 MB of audio."""
+    try:
+        if path.suffix == ".parquet":
+            pf = pq.ParquetFile(path)
+            schema, batches = pf.schema_arrow, pf.iter_batches(batch_size=256)
+        else:
+            reader = pa.ipc.open_stream(pa.memory_map(str(path)))  # save_to_disk writes the stream format
+            schema, batches = reader.schema, reader
+    except (pa.ArrowException, OSError) as e:
+        raise ManifestError(f"{path}: cannot read it as {path.suffix[1:]}: {e}") from None
+    for column in required:
+        if column not in schema.names:
+            raise ManifestError(f"{path}: missing column '{column}' (it has: {', '.join(schema.names)})")
+    labels = class_label_names(schema, path)
+    k = 0
+    try:
+        for batch in batches:
+            for rec in batch.to_pylist():
+                for column, names in labels.items():
+                    if isinstance(rec.get(column), int) and 0 <= rec[column] < len(names):
+                        rec[column] = names[rec[column]]
+                yield k, rec
+                k += 1
+    except pa.ArrowException as e:
+        raise ManifestError(f"{path}: row {k}: cannot read: {e}") from None
+
+
+AUDIO_MAGIC = {b"RIFF": ".wav", b"fLaC": ".flac", b"OggS": ".ogg", b"ID3": ".mp3"}
+
+
+class AudioStage:
+    """The temporary sibling of --out that becomes --out: audio from parquet/arrow rows is written here
+    as it is read (a corpus does not fit in memory), the manifests last, then one rename."""
+
+    def __init__(self, out: Path):
+        self.out, self.dir, self.taken = out, None, set()
+
+    def write(self, corpus: str, locale: str, name: str, data: bytes) -> str:
+        if self.dir is None:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+        folder = self.dir / "audio" / corpus / locale
+        stem, suffix = os.path.splitext(name)
+        n = 0
+        while (folder / name) in self.taken:  # the same file name in two rows: keep both, numbered
+            n += 1
+            name = f"{stem}-{n}{suffix}"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.taken.add(folder / name)
+        (folder / name).write_bytes(data)
+        return str(folder / name)
+
+    def discard(self) -> None:
+        if self.dir is not None and self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def staged_audio(rec: dict, where: str, k: int, corpus: str, locale: str, stage: AudioStage) -> str:
+    """Write one row's encoded audio into the stage; returns its path there. A row without bytes whose
+    path is a local file (a dataset built from local files, never embedded) is copied from that file; a
+    row with neither gives its path back, which the audio check then reports as missing."""
+    audio = rec.get("audio")
+    if not isinstance(audio, dict):
+        got = "missing" if "audio" not in rec else type(audio).__name__
+        raise ManifestError(f"{where}: field 'audio': expected the struct {{bytes, path}} that datasets stores "
+                            f"for an Audio column, got {got}")
+    data, src = audio.get("bytes"), audio.get("path")
+    if data is None:
+        if not src:
+            raise ManifestError(f"{where}: field 'audio': neither bytes nor path")
+        if not os.path.isfile(src):
+            return src
+        data = Path(src).read_bytes()
+    name = Path(src).name if src else ""
+    if name in ("", ".", ".."):  # no usable original name: the row index, and an extension from the file's magic bytes
+        name = f"row{k}" + next((ext for magic, ext in AUDIO_MAGIC.items() if data.startswith(magic)), ".bin")
+    return stage.write(corpus, locale, name, data)
 
 
 def audio_path(rec: dict, where: str, base: Path) -> str:
@@ -290,7 +414,7 @@ def add_speech_rows(rows: Rows, split: str, recs, corpus: str, locale: str, labe
         if utt_id not in seen_utt:
             seen_utt.add(utt_id)
             rows.add(split, {"id": utt_id, "audio": None, **common}, where)
-        speaker = rec.get("speaker_id")
+        speaker = rec.get("speaker_id", rec.get("speaker"))  # Speech-MASSIVE: speaker_id; ITALIC: speaker
         rows.add(split, {"id": f"{corpus}-{locale}-{Path(audio).name}", "audio": audio, **common,
                          "utt_id": utt_id, **({"speaker": str(speaker)} if speaker is not None else {})}, where)
 
@@ -302,28 +426,59 @@ def read_export(path: Path):
         yield where, rec, audio_path(rec, where, path.parent)
 
 
-def load_speech_massive(root: Path, locales: list[str] | None, few_shot: bool) -> Rows:
-    refuse_columnar(root, "Speech-MASSIVE")
-    locales = locales or sorted(p.name for p in root.iterdir() if p.is_dir())
+def read_columnar(files: list[Path], required: tuple[str, ...], corpus: str, locale: str, stage: AudioStage):
+    """(where, record, staged audio path) for each row of a split's parquet/arrow shards."""
+    for path in files:
+        for k, rec in iter_columnar(path, required):
+            where = f"{path}: row {k}"
+            yield where, rec, staged_audio(rec, where, k, corpus, locale, stage)
+
+
+def split_records(rows: Rows, split: str, folder: Path, name: str, required: tuple[str, ...],
+                  corpus: str, locale: str, stage: AudioStage):
+    """The records of split `name` in `folder`: {name}.jsonl (the export form) if present, else its
+    parquet/arrow shards; None if neither is there."""
+    if (folder / f"{name}.jsonl").is_file():
+        rows.source(split, folder / f"{name}.jsonl")
+        return read_export(folder / f"{name}.jsonl")
+    files = columnar_files(folder, name)
+    if not files:
+        return None
+    for f in files:
+        rows.source(split, f)
+    return read_columnar(files, required, corpus, locale, stage)
+
+
+SPEECH_MASSIVE_COLUMNS = ("id", "utt", "annot_utt", "audio")
+
+
+def load_speech_massive(root: Path, locales: list[str] | None, few_shot: bool, stage: AudioStage) -> Rows:
+    # "all" on the Hub is the union of the locale folders: reading it too would duplicate every row.
+    locales = locales or sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "all")
     if not locales:
-        raise ManifestError(f"{root}: no <locale>/ folders (expected the JSONL export described in --help)")
+        raise ManifestError(f"{root}: no <locale>/ folders (expected Speech-MASSIVE as described in --help)")
     rows = Rows()
     sources = {"train": "train_115" if few_shot else "train", "devel": "validation", "test": "test"}
     for locale in locales:
         for split, name in sources.items():
-            path = root / locale / f"{name}.jsonl"
-            if not path.is_file():
-                raise ManifestError(f"{path}: not found (Speech-MASSIVE {locale} split '{name}'"
-                                    + ("; only fr-FR and de-DE have a full train split: try --few-shot" if name == "train" else "") + ")")
-            rows.source(split, path)
-            add_speech_rows(rows, split, read_export(path), "speech-massive", locale, checked_labels)
+            folder = root / locale
+            recs = split_records(rows, split, folder, name, SPEECH_MASSIVE_COLUMNS, "speech-massive", locale, stage)
+            if recs is None:
+                hint = {"train": "; only fr-FR and de-DE have a full train split: try --few-shot",
+                        "test": "; the test split is the separate FBK-MT/Speech-MASSIVE-test dataset: put its "
+                                f"{locale}/test-*.parquet in this folder"}.get(name, "")
+                raise ManifestError(f"{folder}: Speech-MASSIVE {locale} split '{name}' not found (looked for "
+                                    f"{name}.jsonl, {name}-*.parquet, {name}/*.parquet, {name}/data-*.arrow{hint})")
+            add_speech_rows(rows, split, recs, "speech-massive", locale, checked_labels)
     if few_shot:
         rows.notes.append("train = Speech-MASSIVE train_115 (few-shot split)")
     return rows
 
 
-def load_italic(root: Path, massive_dir: Path | None) -> Rows:
-    refuse_columnar(root, "ITALIC")
+ITALIC_COLUMNS = ("id", "utt", "intent", "audio")
+
+
+def load_italic(root: Path, massive_dir: Path | None, stage: AudioStage) -> Rows:
     massive = {}
     if massive_dir is not None:
         for path in massive_files(massive_dir, ["it-IT"]):
@@ -341,8 +496,11 @@ def load_italic(root: Path, massive_dir: Path | None) -> Rows:
         if rid not in massive:
             raise ManifestError(f"{where}: field 'id': {rid!r} not found in MASSIVE it-IT ({massive_dir})")
         mrec, mwhere = massive[rid]
-        # Labels from MASSIVE (its markup checked against its own utt); the text stays ITALIC's.
+        # Labels from MASSIVE (its markup checked against its own utt); the text stays ITALIC's. ITALIC
+        # names the intent only; the scenario, where it has none, is MASSIVE's.
         mlabels = checked_labels(mrec, mwhere)
+        if rec.get("scenario") is None:
+            rec = {**rec, "scenario": mlabels["scenario"]}
         labels = massive_labels(rec, where, annot=mrec["annot_utt"])
         labels.pop("_annot_text")
         if (labels["scenario"], labels["action"]) != (mlabels["scenario"], mlabels["action"]):
@@ -354,11 +512,11 @@ def load_italic(root: Path, massive_dir: Path | None) -> Rows:
 
     rows = Rows()
     for split, name in {"train": "train", "devel": "validation", "test": "test"}.items():
-        path = root / f"{name}.jsonl"
-        if not path.is_file():
-            raise ManifestError(f"{path}: not found (expected ITALIC's {name} split exported as JSONL)")
-        rows.source(split, path)
-        add_speech_rows(rows, split, read_export(path), "italic", "it-IT", labels_of)
+        recs = split_records(rows, split, root, name, ITALIC_COLUMNS, "italic", "it-IT", stage)
+        if recs is None:
+            raise ManifestError(f"{root}: ITALIC split '{name}' not found (looked for {name}.jsonl, "
+                                f"{name}-*.parquet, {name}/*.parquet, {name}/data-*.arrow)")
+        add_speech_rows(rows, split, recs, "italic", "it-IT", labels_of)
     if joined:
         rows.notes.append(f"ITALIC rows without slot markup: {joined['rows']} got annot_utt from MASSIVE it-IT by id"
                           f" ({joined['text differs']} of them with a text that differs from MASSIVE's utt)")
@@ -506,7 +664,45 @@ def summary(splits: dict[str, list[dict]], durations: dict[str, float] | None) -
                      for row in table)
 
 
-def finish(rows: Rows, out: Path | None, args) -> None:
+OUR_AUDIO = {"speech-massive", "italic"}  # the audio/<corpus> folders a run of this script writes
+
+
+def check_replaceable(out: Path) -> None:
+    """--out may be replaced if it holds only an earlier run's output: manifests and audio/<corpus>/.
+    Checked before reading (a corpus takes a while), and again just before the swap."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ManifestError(f"{out}: --out exists and is not a directory")
+    others = [p.name for p in out.iterdir() if not (p.is_file() and p.suffix == ".jsonl")
+              and not (p.name == "audio" and p.is_dir() and {c.name for c in p.iterdir()} <= OUR_AUDIO)]
+    if others:
+        raise ManifestError(f"{out}: exists and holds files other than an earlier prepare.py output "
+                            f"({', '.join(sorted(others)[:5])}); refusing to replace it: choose another --out or empty it")
+
+
+def install_stage(stage: AudioStage, out: Path, splits: dict[str, list[dict]]) -> None:
+    """Write the manifests next to the staged audio (paths relative to the manifest, so the folder can
+    be moved as a whole) and rename the stage to --out, swapping out an earlier run's output."""
+    prefix = str(stage.dir) + os.sep
+    for split, rows in splits.items():
+        rows = [{**r, "audio": os.path.relpath(r["audio"], stage.dir)}
+                if r["audio"] is not None and r["audio"].startswith(prefix) else r for r in rows]
+        write_manifest(stage.dir / f"{split}.jsonl", rows)
+    check_replaceable(out)
+    if out.exists():
+        # Old aside, new in, old removed: a crash in between leaves one complete folder.
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.rmdir(old)
+        os.replace(out, old)
+        os.replace(stage.dir, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(stage.dir, out)
+    stage.dir = None
+
+
+def finish(rows: Rows, out: Path | None, args, stage: AudioStage | None = None) -> None:
     if out is not None and out.exists() and not out.is_dir():
         raise ManifestError(f"{out}: --out exists and is not a directory")
     for split in getattr(args, "splits", SPLITS):
@@ -515,7 +711,9 @@ def finish(rows: Rows, out: Path | None, args) -> None:
             raise ManifestError(f"split '{split}' is empty: no rows for it in {read}")
     durations = check_audio(rows, args.check_audio, args.skip_missing_audio)
     splits = {s: rows.splits[s] for s in SPLITS if s in rows.splits}
-    if out is not None:
+    if stage is not None and stage.dir is not None:
+        install_stage(stage, out, splits)
+    elif out is not None:
         write_split_dir(out, splits)
     print(summary(splits, durations if args.check_audio else None))
     if args.check_audio and durations:
@@ -547,14 +745,15 @@ def main(argv=None) -> int:
     common(p)
     p.add_argument("--massive-dir", type=Path, required=True, help="the release folder (or its data/ folder)")
     p.add_argument("--locales", nargs="+", help="e.g. fr-FR de-DE (default: all found)")
-    p = sub.add_parser("speech-massive", help="Speech-MASSIVE (JSONL export, see above)")
+    p = sub.add_parser("speech-massive", help="Speech-MASSIVE (parquet, save_to_disk or JSONL export, see above)")
     common(p)
-    p.add_argument("--speech-massive-dir", type=Path, required=True, help="folder of <locale>/<split>.jsonl")
+    p.add_argument("--speech-massive-dir", type=Path, required=True, help="folder of <locale>/ folders: <split>-*.parquet, <split>/data-*.arrow or <split>.jsonl")
     p.add_argument("--locales", nargs="+", help="default: all locale folders found")
     p.add_argument("--few-shot", action="store_true", help="train from train_115 (115 utterances per locale)")
-    p = sub.add_parser("italic", help="ITALIC (JSONL export), slots joined from MASSIVE it-IT")
+    p = sub.add_parser("italic", help="ITALIC (parquet, save_to_disk or JSONL export), slots joined from MASSIVE it-IT")
     common(p)
-    p.add_argument("--italic-dir", type=Path, required=True, help="folder of {train,validation,test}.jsonl")
+    p.add_argument("--italic-dir", type=Path, required=True, help="one configuration's folder: {train,validation,test}-*.parquet, <split>/*.parquet, "
+                   "<split>/data-*.arrow or <split>.jsonl")
     p.add_argument("--massive-dir", type=Path, help="MASSIVE 1.1 release, for it-IT slot markup")
     p = sub.add_parser("demo", help="the bundled English/French demo corpus")
     common(p, out_required=False)  # no --out: validate the corpus and print its summary
@@ -563,23 +762,29 @@ def main(argv=None) -> int:
     p.add_argument("--templates", type=Path, help="template file (default: DEMO_DIR/templates.json)")
 
     args = parser.parse_args(argv)
+    stage = AudioStage(args.out) if args.corpus in ("speech-massive", "italic") else None
     try:
         if args.corpus == "slurp":
             rows = load_slurp(args.annotations, args.audio_dir.resolve(), args.splits)
         elif args.corpus == "massive":
             rows = load_massive(args.massive_dir, args.locales)
         elif args.corpus == "speech-massive":
-            rows = load_speech_massive(args.speech_massive_dir.resolve(), args.locales, args.few_shot)
+            check_replaceable(args.out)
+            rows = load_speech_massive(args.speech_massive_dir.resolve(), args.locales, args.few_shot, stage)
         elif args.corpus == "italic":
-            rows = load_italic(args.italic_dir.resolve(), args.massive_dir)
+            check_replaceable(args.out)
+            rows = load_italic(args.italic_dir.resolve(), args.massive_dir, stage)
         else:
             if args.regenerate:  # without --out: rebuild (or just check) the corpus, write nothing else
                 regenerate_demo(args.demo_dir, args.templates or args.demo_dir / "templates.json")
             rows = load_demo(args.demo_dir)
-        finish(rows, args.out, args)
+        finish(rows, args.out, args, stage)
     except ManifestError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if stage is not None:
+            stage.discard()  # a run that failed leaves no staged audio behind
     return 0
 
 

@@ -369,14 +369,18 @@ def test_speech_massive_export_gives_one_transcript_per_utterance_and_one_speech
     assert "train_115" in out
     # --few-shot off: the full train split is required and its absence is explained
     code, _, err = run(["speech-massive", "--speech-massive-dir", root, "--out", tmp_path / "o2"], capsys)
-    assert code == 2 and "train.jsonl: not found" in err and "--few-shot" in err
+    assert code == 2 and "fr-FR split 'train' not found" in err and "train.jsonl" in err and "--few-shot" in err
 
 
-def test_speech_massive_as_parquet_is_refused_with_the_reason(tmp_path, capsys):
+def test_speech_massive_file_that_is_not_parquet_is_named(tmp_path, capsys):
+    """(The parquet form itself is tested in tests/test_prepare_parquet.py.)"""
     (tmp_path / "sm" / "fr-FR").mkdir(parents=True)
     (tmp_path / "sm" / "fr-FR" / "validation-00000.parquet").write_bytes(b"PAR1")
-    code, _, err = run(["speech-massive", "--speech-massive-dir", tmp_path / "sm", "--out", tmp_path / "o"], capsys)
-    assert code == 2 and "pyarrow" in err and "validation-00000.parquet" in err
+    export_split(tmp_path / "sm" / "fr-FR" / "train_115.jsonl", [smassive_rec("1", "mets une alarme [date : demain]", "s")])
+    code, _, err = run(["speech-massive", "--speech-massive-dir", tmp_path / "sm", "--few-shot", "--out", tmp_path / "o"],
+                       capsys)
+    assert code == 2 and "validation-00000.parquet: cannot read it as parquet" in err
+    assert not (tmp_path / "o").exists()
 
 
 def italic_rec(mid, utt, speaker):
