@@ -87,10 +87,11 @@ def resolve_model_dir(model: str) -> str | None:
     if model == "tiny":
         return None
     path = Path(model)
+    # A train.py run directory first: it has a config.json of its own (the run's settings) beside hf/.
+    if (path / "hf" / "config.json").is_file():
+        return str(path / "hf")
     if (path / "config.json").is_file():
         return str(path)
-    if (path / "hf" / "config.json").is_file():  # a train.py run directory
-        return str(path / "hf")
     raise SystemExit(f"--model {model}: no config.json in {path} or {path / 'hf'} "
                      f"(expected a Hugging Face directory, a train.py run directory, or 'tiny')")
 

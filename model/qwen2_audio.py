@@ -323,8 +323,12 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, input_features=None, feature_lengths=None, positions=None,
-                 cache=None):
+                 cache=None, logits_at=None):
         """Returns (logits [B, S, V] float32, updated cache or None).
+
+        logits_at [B, A] (optional): compute logits only at these positions -> [B, A, V]. Training needs them
+        only where an answer token is predicted; with a 156k vocabulary the full [B, S, V] logits would dominate
+        the step's time and memory.
 
         input_ids already contain one <|AUDIO|> per audio output token (the caller expanded them); row b's k-th
         audio token takes audio output k of row b. With `cache`, this call's tokens are appended at the cache's
@@ -367,6 +371,8 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
 
         layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         h, layer_cache = lm(x, positions, allowed, layer_cache, write_index)
+        if logits_at is not None:
+            h = jnp.take_along_axis(h, logits_at[:, :, None], axis=1)
         logits = _dense(cfg.text.vocab_size, ("embed", "vocab"), False, self.dtype, self.param_dtype,
                         name="lm_head")(h).astype(jnp.float32)
         if cache is None:
@@ -398,12 +404,13 @@ def abstract_params(config: Qwen2AudioConfig, param_dtype=jnp.float32) -> dict:
 
 
 def forward(params, config: Qwen2AudioConfig, input_ids, attention_mask, input_features=None, feature_lengths=None,
-            positions=None, *, dtype=jnp.float32, remat_policy: str = "none") -> Array:
-    """Logits [B, S, V] (float32). input_features=None: a text-only batch (the encoder is skipped)."""
+            positions=None, *, dtype=jnp.float32, remat_policy: str = "none", logits_at=None) -> Array:
+    """Logits [B, S, V] (float32), or [B, A, V] at the positions `logits_at` [B, A].
+    input_features=None: a text-only batch (the encoder is skipped)."""
     _check_audio_tokens(config, input_ids, input_features, feature_lengths)
     model = Qwen2AudioForConditionalGeneration(config, dtype=dtype, remat_policy=remat_policy)
     logits, _ = model.apply({"params": params}, input_ids, attention_mask, input_features, feature_lengths,
-                            positions)
+                            positions, None, logits_at)
     return logits
 
 

@@ -284,3 +284,12 @@ def test_infer_command_line_flags():
 def test_infer_rejects_a_model_path_without_config(tmp_path):
     with pytest.raises(SystemExit, match="no config.json"):
         infer.resolve_model_dir(str(tmp_path))
+
+
+def test_a_train_run_directory_resolves_to_its_hf_export_even_with_its_own_config_json(tmp_path):
+    # train.py writes RUN_DIR/config.json (its settings) beside RUN_DIR/hf/config.json (the model's).
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "config.json").write_text('{"scheme": "direct"}')
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert infer.resolve_model_dir(str(tmp_path)) == str(tmp_path / "hf")
+    assert infer.resolve_model_dir(str(tmp_path / "hf")) == str(tmp_path / "hf")

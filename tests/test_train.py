@@ -1,0 +1,249 @@
+"""train.py end to end on a tiny Qwen2-Audio (real vocabulary, real tokenizer, real demo audio) on 8 CPU devices.
+
+The model directory is built the way a user's would be: random parameters exported with model/checkpoint.py's
+save_hf plus tokenizer.json, then passed as --model DIR. Each test trains a few steps; the slow ones (several
+compilations or subprocesses) are marked.
+"""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import train
+from model import processor as P
+from model.answer import render_answer
+from model.checkpoint import load_hf, save_hf
+from model.config import AudioConfig, Qwen2AudioConfig, TextConfig
+from model.qwen2_audio import init_params
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo" / "train.jsonl"
+
+# Every dimension divisible by 8 so the (8 fsdp) and (2 x 2 x 2) meshes split parameters evenly.
+TINY = Qwen2AudioConfig(
+    audio=AudioConfig(d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32),
+    text=TextConfig(vocab_size=156032, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=2048,
+                    bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
+)
+
+
+def demo_rows(n_text, n_speech):
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines() if line.strip()]
+    text = [r for r in rows if r["audio"] is None][:n_text]
+    speech = [r for r in rows if r["audio"] is not None][:n_speech]
+    for r in speech:
+        r["audio"] = str(DEMO.parent / r["audio"])
+    return text + speech
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    if not DEMO.exists():
+        pytest.skip("data/demo/train.jsonl is missing (made by prepare.py)")
+    root = tmp_path_factory.mktemp("train")
+    tok_dir = root / "tok"
+    tok_dir.mkdir()
+    P.load_tokenizer().save(str(tok_dir / "tokenizer.json"))
+    model_dir = root / "model"
+    save_hf(init_params(TINY, jax.random.PRNGKey(0)), TINY.to_hf_dict(), model_dir, extra_files_from=tok_dir)
+    manifest = root / "train.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in demo_rows(12, 4)))
+    return {"root": root, "model": model_dir, "manifest": manifest}
+
+
+def run(setup, run_dir, *flags):
+    """train.train() in this process (8 CPU devices); returns its summary (losses, final params)."""
+    args = train.parse_args(["--model", str(setup["model"]), "--train-manifest", str(setup["manifest"]),
+                             "--run-dir", str(run_dir), "--dev-manifest", "none", "--no-progress",
+                             "--peak-lr", "1e-3", "--seed", "0", *flags])
+    return train.train(args)
+
+
+def leaves(tree):
+    return {jax.tree_util.keystr(p): np.asarray(jax.device_get(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# --- batches -------------------------------------------------------------------------------------------------------
+
+def test_loss_covers_exactly_the_answer_json_and_its_im_end():
+    tok = P.load_tokenizer()
+    text_row, speech_row = demo_rows(1, 1)
+    batch = train.collate([train.make_example(text_row, tok), train.make_example(speech_row, tok), None], 512, 400)
+    for i, row in enumerate((text_row, speech_row)):
+        labelled = batch["targets"][i][batch["loss_mask"][i] > 0].tolist()
+        assert tok.decode(labelled, skip_special_tokens=False) == \
+            render_answer(row["scenario"], row["action"], row["entities"]) + "<|im_end|>"
+        # the target of position t is the input token at t+1 (next-token prediction)
+        n = int(batch["attention_mask"][i].sum())
+        assert batch["targets"][i][:n - 1].tolist() == batch["input_ids"][i][1:n].tolist()
+    # the speech row's prompt holds one <|AUDIO|> per encoder output of its clip; the transcript row none
+    n_frames = int(batch["feature_lengths"][1])
+    assert n_frames == P.log_mel_features(P.load_audio(speech_row["audio"]))[1] > 0
+    assert int((batch["input_ids"][1] == 151646).sum()) == P.num_audio_tokens(n_frames)
+    assert int((batch["input_ids"][0] == 151646).sum()) == 0
+    # transcript and padding rows: zero features, length 0; padding rows carry no loss
+    assert batch["feature_lengths"][[0, 2]].tolist() == [0, 0] and not batch["input_features"][[0, 2]].any()
+    assert batch["loss_mask"][2].sum() == 0
+
+
+def test_first_step_loss_equals_transformers_loss_with_labels_on_the_answer(setup, tmp_path):
+    # Before the first update the parameters are the checkpoint's, so the step's loss must be transformers'
+    # Qwen2AudioForConditionalGeneration loss on the same rows with labels = the answer tokens (else -100).
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen2AudioForConditionalGeneration
+    out = run(setup, tmp_path / "ref", "--scheme", "text-only", "--epochs", "1", "--per-device-batch", "16",
+              "--grad-accum", "1", "--fsdp", "1", "--max-steps", "1", "--no-export")
+    tok = P.load_tokenizer()
+    rows = [r for r in demo_rows(12, 0)]
+    batch = train.collate([train.make_example(r, tok) for r in rows], 256, None)
+    labels = np.full(batch["input_ids"].shape, -100, np.int64)
+    labels[:, 1:] = np.where(batch["loss_mask"][:, :-1] > 0, batch["input_ids"][:, 1:], -100)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(setup["model"], torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+                    attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long),
+                    labels=torch.tensor(labels)).loss.item()
+    assert out["losses"][0] == pytest.approx(ref, abs=1e-4)
+
+
+# --- what is trained ---------------------------------------------------------------------------------------------
+
+def test_text_only_leaves_encoder_and_projector_bit_identical_and_direct_changes_them(setup, tmp_path):
+    _, initial = load_hf(setup["model"], dtype=np.float32)
+    for scheme in ("text-only", "direct"):
+        out = run(setup, tmp_path / scheme, "--scheme", scheme, "--speech-fraction", "1.0", "--epochs", "1",
+                  "--per-device-batch", "4", "--grad-accum", "2", "--max-steps", "2", "--fsdp", "1")
+        before, after = leaves(initial), leaves(out["params"])
+        audio = [k for k in before if k.startswith("['audio_tower']") or k.startswith("['multi_modal_projector']")]
+        text = [k for k in before if k not in audio]
+        assert audio and text
+        changed_audio = [k for k in audio if not np.array_equal(before[k], after[k])]
+        changed_text = [k for k in text if not np.array_equal(before[k], after[k])]
+        assert changed_text, scheme  # the decoder trains in every scheme
+        if scheme == "text-only":
+            assert changed_audio == [], changed_audio
+            assert out["n_speech_seen"] == 0
+            # no optimizer state for the frozen parameters: Adam's 2 moments per trainable parameter (+ counters)
+            cfg = json.loads((tmp_path / scheme / "config.json").read_text())
+            n_audio = sum(after[k].size for k in audio)
+            assert cfg["frozen_params"] == n_audio and cfg["trainable_params"] == sum(after[k].size for k in text)
+            assert 0 <= out["opt_state_size"] - 2 * cfg["trainable_params"] < 16
+        else:
+            assert out["n_speech_seen"] > 0  # 2 steps x 8 rows from 12 transcripts + 4 recordings
+            assert "['multi_modal_projector']['linear']['kernel']" in changed_audio
+            assert any(k.startswith("['audio_tower']['layers']") for k in changed_audio)
+
+
+# --- sharding, accumulation ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_three_step_losses_agree_on_8_fsdp_2x2x2_and_one_device_and_params_are_sharded(setup, tmp_path):
+    # The same global batch of 8 rows split three ways: 8 devices x 1 row, 4 data-parallel devices x 1 row x 2
+    # accumulation steps, 1 device x 2 rows x 4 accumulation steps.
+    common = ("--scheme", "direct", "--speech-fraction", "1.0", "--epochs", "2", "--max-steps", "3")
+    a = run(setup, tmp_path / "fsdp8", *common, "--fsdp", "8", "--per-device-batch", "1", "--grad-accum", "1")
+    b = run(setup, tmp_path / "mesh222", *common, "--data-parallel", "2", "--fsdp", "2", "--tensor-parallel", "2",
+            "--per-device-batch", "1", "--grad-accum", "2")
+    c = run(setup, tmp_path / "single", *common, "--fsdp", "1", "--per-device-batch", "2", "--grad-accum", "4")
+    assert len(a["losses"]) == 3
+    np.testing.assert_allclose(a["losses"], c["losses"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(b["losses"], c["losses"], atol=1e-4, rtol=0)
+    assert a["losses"][2] != a["losses"][0]  # the parameters did move between steps
+    # really sharded: the embedding is split over the devices, not replicated
+    emb_a = a["params"]["language_model"]["embed_tokens"]["embedding"]
+    emb_b = b["params"]["language_model"]["embed_tokens"]["embedding"]
+    assert len(emb_a.sharding.device_set) == 8 and emb_a.addressable_shards[0].data.shape[1] == 16 // 8
+    assert emb_b.addressable_shards[0].data.shape == (156032 // 2, 16 // 2)  # vocab over tensor, embed over fsdp
+    q = b["params"]["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_resumed_run_equals_an_uninterrupted_one_and_exports_hf(setup, tmp_path):
+    common = ("--scheme", "curriculum", "--speech-fraction", "0.5", "--epochs", "2", "--per-device-batch", "1",
+              "--grad-accum", "1", "--fsdp", "8")  # 12 rows + 2*2 speech: 2 + 2 steps
+    full = run(setup, tmp_path / "full", *common)
+    first = run(setup, tmp_path / "resumed", *common, "--max-steps", "1")  # "killed" after step 1's checkpoint
+    assert first["steps"] == 1 and first["hf_export"] is None
+    second = run(setup, tmp_path / "resumed", *common)
+    assert second["resumed_from"] == 1 and len(full["losses"]) == 4
+    assert first["losses"] + second["losses"] == full["losses"]  # bit-identical losses
+    want, got = leaves(full["params"]), leaves(second["params"])
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+    metrics = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert {"step", "epoch", "loss", "lr", "n_text", "n_speech", "tokens", "seconds"} <= set(metrics[0])
+    # the export is a Hugging Face directory with the final parameters and the tokenizer
+    _, exported = load_hf(tmp_path / "resumed" / "hf")
+    exp = leaves(exported)
+    assert all(np.array_equal(exp[k], want[k]) for k in want)
+    assert (tmp_path / "resumed" / "hf" / "tokenizer.json").exists()
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(setup, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* step (\d+).*Last good checkpoint: .*checkpoints"):
+        run(setup, tmp_path / "nan", "--scheme", "text-only", "--epochs", "1", "--per-device-batch", "1",
+            "--grad-accum", "1", "--fsdp", "1", "--save-every", "1", "--peak-lr", "1e38", "--warmup-ratio", "0")
+    steps = sorted(int(p.name) for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit())
+    metrics = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert steps and steps[-1] == len(metrics)  # the last checkpoint is the last finite step
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+
+
+# --- multi-host ---------------------------------------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_distributed_run_has_the_losses_of_one_process(setup, tmp_path):
+    flags = ["train.py", "--model", str(setup["model"]), "--train-manifest", str(setup["manifest"]),
+             "--dev-manifest", "none", "--no-progress", "--peak-lr", "1e-3", "--scheme", "direct",
+             "--speech-fraction", "1.0", "--epochs", "1", "--per-device-batch", "1", "--grad-accum", "2",
+             "--max-steps", "2", "--save-every", "0"]
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false",
+            "JAX_DEFAULT_MATMUL_PRECISION": "highest", "HOME": os.environ.get("HOME", "/tmp")}
+    one = subprocess.run([sys.executable, *flags, "--run-dir", str(tmp_path / "one")], cwd=REPO, timeout=600,
+                         env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, *flags, "--run-dir", str(tmp_path / "two")], cwd=REPO,
+                              env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                                   "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+                                   "JAX_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[1][-3000:] for o in outs)
+    losses = lambda d: [json.loads(l)["loss"] for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["processes"] == 2 and config["devices"] == 4
+    assert len(losses("one")) == 2
+    np.testing.assert_allclose(losses("two"), losses("one"), atol=1e-5, rtol=0)
+
+
+# --- it learns ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tiny_preset_learns_demo_rows_loss_falls_far_below_chance(setup, tmp_path):
+    # the default model (the randomly initialised `tiny` preset) at its default learning rate, 36 small steps
+    args = train.parse_args(["--model", "tiny", "--train-manifest", str(setup["manifest"]), "--dev-manifest", "none",
+                             "--run-dir", str(tmp_path / "learn"), "--no-progress", "--scheme", "text-only",
+                             "--epochs", "12", "--per-device-batch", "1", "--grad-accum", "1", "--fsdp", "4",
+                             "--save-every", "0", "--no-export"])
+    losses = train.train(args)["losses"]
+    assert losses[0] == pytest.approx(math.log(156032), abs=0.5)  # a random model: uniform over the vocabulary
+    assert np.mean(losses[-3:]) < 0.5 * losses[0], losses

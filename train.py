@@ -1,0 +1,873 @@
+"""Fine-tune Qwen2-Audio for SLU: text-only, direct mixing or curriculum (arXiv 2509.15389).
+
+    python train.py --scheme curriculum                        # tiny preset on the demo corpus, a few minutes on a CPU
+    python train.py --scheme direct --speech-fraction 0.02 --model /ckpt/Qwen2-Audio-7B-Instruct \
+        --train-manifest data/slurp/train.jsonl --fsdp 8 --run-dir runs/direct-p002
+    python train.py --scheme curriculum --plan-only            # print the epoch plan as JSON, load no model
+
+The file reads top to bottom:
+  1. Args: every flag, with its default.
+  2. The plan: which rows each epoch sees (the paper's deterministic epoch-allocation sampler) and the
+     learning-rate schedule. Pure Python + numpy, no model: `--plan-only` stops here.
+  3. Batches: manifest rows -> prompt + answer tokens, labels on the answer only, audio -> log-mel features.
+  4. The train step: bf16 forward, answer-token cross-entropy summed over micro-batches and divided once,
+     global-norm clipping, AdamW on fp32 master parameters, one jax.jit with explicit shardings.
+  5. main(): mesh, model, resume from the latest orbax checkpoint, the loop, metrics, export to RUN_DIR/hf.
+
+The sampler (section 2) in words. N speech rows, p = --speech-fraction, N_p = round(p*N) (half up), E epochs.
+The speech subset is the first N_p rows of ONE permutation (seeded by --subset-seed) of the speech rows sorted by
+id, so a larger p always contains a smaller p's subset and the file's row order does not matter.
+  text-only:  every epoch = all transcript rows.
+  direct:     every epoch = all transcript rows + the N_p subset, shuffled together.
+  curriculum: epochs 1..E-1 = all transcript rows; epoch E = all transcripts + the N_p subset repeated E times,
+              so both mixing schemes see N_p*E speech examples in total.
+Each epoch's rows are shuffled with a generator seeded by (--seed, epoch). Steps per epoch = ceil(rows / global
+batch): the last step of an epoch takes the remaining rows (padded with rows that carry no loss), nothing is
+dropped, and since the loss is a mean over the answer tokens actually present, a short batch is not down-weighted
+per token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent
+SCHEMES = ("text-only", "direct", "curriculum")
+# Parameter subtrees that text-only training freezes (no gradient, no optimizer state).
+AUDIO_SUBTREES = ("audio_tower", "multi_modal_projector")
+IM_END = 151645  # <|im_end|>: closes the assistant turn; trained, so the model learns to stop
+PAD_ID = 151643  # <|endoftext|>: right padding (masked out of attention and loss)
+
+
+class InputError(ValueError):
+    """Bad flags or data; main prints the message (no traceback) and exits with status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Args
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Args:
+    scheme: Literal["text-only", "direct", "curriculum"] = "curriculum"
+    """text-only: transcripts only (audio encoder + projector frozen); direct: transcripts + speech subset every
+    epoch; curriculum: transcripts, then transcripts + the subset repeated E times in the last epoch."""
+    train_manifest: tuple[str, ...] = ("data/demo/train.jsonl",)
+    """Training manifests, each PATH or PATH:FRACTION (the fraction of THAT manifest's speech rows to use; default
+    --speech-fraction). Every transcript row of every manifest is used every epoch. Give several after one flag
+    or repeat the flag."""
+    dev_manifest: str | None = "data/demo/devel.jsonl"
+    """Evaluated (loss on transcripts, greedy intent accuracy) at each epoch end; 'none' to skip."""
+    speech_fraction: float = 0.1
+    """p: fraction of each manifest's speech rows in the subset (0..1)."""
+    epochs: int = 3
+    """E."""
+    model: str = "tiny"
+    """A preset ('tiny', '7b'; randomly initialised) or a Hugging Face Qwen2-Audio directory / our RUN_DIR/hf."""
+    run_dir: str | None = None
+    """Checkpoints, metrics.jsonl, config.json, hf/ export. Default runs/<scheme>. Rerunning resumes."""
+    per_device_batch: int = 2
+    """Rows per device per micro-batch (paper: 2)."""
+    grad_accum: int = 8
+    """Micro-batches per optimizer step (paper: 8). Global batch = per_device_batch * grad_accum * data * fsdp."""
+    data_parallel: int = 1
+    """Mesh axis 'data' (pure data parallelism: parameters replicated)."""
+    fsdp: int = -1
+    """Mesh axis 'fsdp' (batch AND parameters sharded); -1 = all remaining devices."""
+    tensor_parallel: int = 1
+    """Mesh axis 'tensor' (heads / mlp / vocab sharded)."""
+    peak_lr: float | None = None
+    """Peak learning rate of the main schedule. None: the paper's 5e-6 for a pretrained --model directory, 1e-2 for
+    a randomly initialised preset (5e-6 would leave a random tiny model where it started)."""
+    warmup_ratio: float = 0.04
+    """Linear-warmup fraction of the main schedule (paper: 0.04)."""
+    last_epoch_peak_lr: float | None = None
+    """Curriculum only: peak of the fresh last-epoch schedule. None: peak_lr * 3/5 (paper: 3e-6 vs 5e-6)."""
+    last_epoch_warmup_ratio: float = 0.02
+    """Curriculum only: warmup fraction of the fresh last-epoch schedule (paper: 0.02)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay on kernels and embeddings (0: the Hugging Face Trainer default)."""
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_norm: float = 1.0
+    """Global gradient-norm clipping."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Compute dtype; master parameters and optimizer state are always float32. auto: bfloat16 (the paper) on
+    GPU/TPU, float32 on CPU, where XLA emulates bf16 matmuls slowly."""
+    remat: Literal["none", "full", "dots"] = "none"
+    """Rematerialise each decoder/encoder layer in the backward pass ('full' saves the most memory)."""
+    length_bucket: int = 64
+    """Sequences are right-padded to a multiple of this (few shapes = few compilations)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (saves a checkpoint there; rerun without it to continue)."""
+    save_every: int = 200
+    """Checkpoint every N optimizer steps (and always at each epoch end); 0 = epoch ends only."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    eval_max_rows: int = 200
+    """Dev rows used for the epoch-end evaluation (the first N transcript rows); 0 = no evaluation."""
+    seed: int = 0
+    """Everything except the speech subset: parameter init, epoch shuffles."""
+    subset_seed: int = 0
+    """The permutation the speech subset is a prefix of."""
+    plan_only: bool = False
+    """Print the epoch plan as one JSON object and exit (no model is loaded)."""
+    export: bool = True
+    """Write the final model to RUN_DIR/hf (Hugging Face format, with tokenizer files)."""
+    progress: bool = True
+    """tqdm progress bar."""
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    import tyro
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return tyro.cli(Args, args=_merge_repeated(argv, "--train-manifest"), description=__doc__.split("\n")[0])
+
+
+def _merge_repeated(argv: list[str], flag: str) -> list[str]:
+    """`--train-manifest a --train-manifest b` -> `--train-manifest a b` (tyro takes a tuple after one flag)."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == flag or argv[i] == flag.replace("-", "_", 2).replace("__", "--"):
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+        elif argv[i].startswith(flag + "="):
+            values.append(argv[i].split("=", 1)[1])
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest + ([flag, *values] if values else [])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. The plan: rows per epoch (the sampler) and the learning-rate schedule
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """One --train-manifest entry."""
+    path: str
+    speech_fraction: float
+
+
+def parse_source(spec: str, default_fraction: float) -> Source:
+    """'PATH' or 'PATH:FRACTION'. A suffix that is not a number is part of the path."""
+    path, fraction = spec, default_fraction
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            fraction = float(tail)
+            path = head
+        except ValueError:
+            pass
+    if not 0.0 <= fraction <= 1.0:
+        raise InputError(f"--train-manifest {spec!r}: speech fraction must be in [0, 1], got {fraction}")
+    return Source(path, fraction)
+
+
+def round_half_up(x: float) -> int:
+    # Python's round() rounds 0.5 to even; the plan must be the obvious number (round(0.5 * 11) = 6).
+    return int(math.floor(x + 0.5))
+
+
+def speech_subset(speech_ids: list[str], fraction: float, subset_seed: int) -> list[str]:
+    """The first round(fraction*N) ids of one seeded permutation of the ids sorted: nested across fractions."""
+    ordered = sorted(speech_ids)
+    if len(set(ordered)) != len(ordered):
+        raise InputError("speech row ids must be unique")
+    perm = np.random.default_rng(subset_seed).permutation(len(ordered))
+    n_p = round_half_up(fraction * len(ordered))
+    return [ordered[i] for i in perm[:n_p]]
+
+
+@dataclass
+class Plan:
+    """Everything about the data order and schedule, computed from ids alone (no audio, no model)."""
+    scheme: str
+    speech_fraction: float
+    global_batch: int
+    sources: list[dict]            # per manifest: path, speech_fraction, n_text, n_speech, n_p
+    text_keys: list[tuple]         # (manifest index, row id) of every transcript row
+    subset_keys: list[tuple]       # (manifest index, row id) of the speech subset (empty for text-only)
+    n_speech: int
+    epoch_keys: list[list[tuple]]  # per epoch, the shuffled rows
+    epochs: list[dict]             # per epoch: epoch, text, speech, steps, peak_lr, warmup_steps
+    phases: list[dict]             # learning-rate schedules: steps, peak_lr, warmup_steps (joined end to end)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(e["steps"] for e in self.epochs)
+
+    def to_json(self) -> dict:
+        return {
+            "scheme": self.scheme,
+            "speech_fraction": self.speech_fraction,
+            "n_text": len(self.text_keys),
+            "n_speech": self.n_speech,
+            "n_p": len(self.subset_keys),
+            "epochs": self.epochs,
+            "speech_subset": [k[1] for k in self.subset_keys],
+            "global_batch": self.global_batch,
+            "total_steps": self.total_steps,
+            "manifests": self.sources,
+            "schedules": self.phases,
+        }
+
+    def fingerprint(self) -> str:
+        """Identifies the data order; a resumed run must have the same one."""
+        blob = json.dumps([self.to_json(), self.epoch_keys], sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def position(self, step: int) -> tuple[int, int]:
+        """Optimizer step (0-based) -> (epoch index, step within that epoch)."""
+        for e, epoch in enumerate(self.epochs):
+            if step < epoch["steps"]:
+                return e, step
+            step -= epoch["steps"]
+        raise IndexError("step past the end of the plan")
+
+    def step_keys(self, step: int) -> list[tuple]:
+        e, s = self.position(step)
+        return self.epoch_keys[e][s * self.global_batch:(s + 1) * self.global_batch]
+
+
+def make_plan(scheme: str, epochs: int, global_batch: int, text_ids: list[list[str]], speech_ids: list[list[str]],
+              fractions: list[float], *, seed: int = 0, subset_seed: int = 0, peak_lr: float = 5e-6,
+              warmup_ratio: float = 0.04, last_epoch_peak_lr: float = 3e-6, last_epoch_warmup_ratio: float = 0.02,
+              paths: list[str] | None = None, speech_fraction: float | None = None) -> Plan:
+    """The epoch plan for one or more manifests (lists are per manifest, in --train-manifest order)."""
+    if scheme not in SCHEMES:
+        raise InputError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if epochs < 1 or global_batch < 1:
+        raise InputError(f"epochs and global batch must be >= 1, got {epochs}, {global_batch}")
+    paths = paths or [f"manifest{i}" for i in range(len(text_ids))]
+    text_keys, subset_keys, sources = [], [], []
+    for m, (texts, speech, fraction) in enumerate(zip(text_ids, speech_ids, fractions)):
+        subset = [] if scheme == "text-only" else speech_subset(speech, fraction, subset_seed)
+        text_keys += [(m, i) for i in texts]
+        subset_keys += [(m, i) for i in subset]
+        sources.append({"path": paths[m], "speech_fraction": fraction, "n_text": len(texts),
+                        "n_speech": len(speech), "n_p": len(subset)})
+    if not text_keys and not subset_keys:
+        raise InputError("the training manifests hold no rows this scheme uses")
+
+    epoch_keys, epoch_speech = [], []
+    for e in range(epochs):
+        if scheme == "text-only":
+            speech = []
+        elif scheme == "direct":
+            speech = subset_keys
+        else:  # curriculum: all speech in the last epoch, repeated E times
+            speech = subset_keys * epochs if e == epochs - 1 else []
+        epoch_speech.append(len(speech))
+        keys = text_keys + speech
+        order = np.random.default_rng([seed, e]).permutation(len(keys))
+        epoch_keys.append([keys[i] for i in order])
+
+    steps = [math.ceil(len(k) / global_batch) for k in epoch_keys]
+    # One schedule over all epochs, except curriculum: E-1 epochs, then a fresh (lower, shorter-warmup) one.
+    if scheme == "curriculum" and epochs > 1:
+        groups = [(list(range(epochs - 1)), peak_lr, warmup_ratio),
+                  ([epochs - 1], last_epoch_peak_lr, last_epoch_warmup_ratio)]
+    elif scheme == "curriculum":
+        groups = [([0], last_epoch_peak_lr, last_epoch_warmup_ratio)]
+    else:
+        groups = [(list(range(epochs)), peak_lr, warmup_ratio)]
+    phases, epoch_rows = [], [None] * epochs
+    for group, peak, ratio in groups:
+        n = sum(steps[e] for e in group)
+        # ceil, as the Hugging Face Trainer turns warmup_ratio into steps (the paper's setup)
+        phase = {"epochs": [e + 1 for e in group], "steps": n, "peak_lr": peak, "warmup_steps": math.ceil(ratio * n)}
+        phases.append(phase)
+        for e in group:
+            epoch_rows[e] = {"epoch": e + 1, "text": len(text_keys), "speech": epoch_speech[e],
+                             "steps": steps[e], "peak_lr": peak, "warmup_steps": phase["warmup_steps"]}
+    return Plan(scheme=scheme, speech_fraction=fractions[0] if speech_fraction is None else speech_fraction,
+                global_batch=global_batch, sources=sources, text_keys=text_keys, subset_keys=subset_keys,
+                n_speech=sum(len(s) for s in speech_ids), epoch_keys=epoch_keys, epochs=epoch_rows, phases=phases)
+
+
+def lr_schedule(phases: list[dict]):
+    """optax schedule: per phase, linear warmup 0 -> peak over warmup_steps, then cosine to 0 at the phase's end.
+
+    Step k of a phase gets peak*k/warmup during warmup (so the very first update has lr 0, as in the Hugging Face
+    Trainer), then peak*0.5*(1+cos(pi*(k-warmup)/(steps-warmup))). A following phase restarts at its own step 0.
+    """
+    import optax
+    schedules, boundaries, start = [], [], 0
+    for phase in phases:
+        steps, warmup = phase["steps"], phase["warmup_steps"]
+        schedules.append(optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=phase["peak_lr"], warmup_steps=warmup,
+            decay_steps=max(steps, warmup + 1), end_value=0.0))
+        start += steps
+        boundaries.append(start)
+    if len(schedules) == 1:
+        return schedules[0]
+    return optax.join_schedules(schedules, boundaries[:-1])
+
+
+def load_sources(args: Args) -> tuple[list[Source], list[list[dict]]]:
+    from model.manifest import read_manifest
+    if not args.train_manifest:
+        raise InputError("--train-manifest: at least one manifest is needed")
+    sources = [parse_source(s, args.speech_fraction) for s in args.train_manifest]
+    return sources, [read_manifest(find_path(s.path)) for s in sources]
+
+
+def find_path(path: str) -> str:
+    """A relative path missing from the working directory is looked up in the repository (the demo defaults)."""
+    if not os.path.isabs(path) and not os.path.exists(path) and (REPO / path).exists():
+        return str(REPO / path)
+    return path
+
+
+def global_batch_size(args: Args, data_size: int) -> int:
+    """per-device batch x accumulation x data-parallel devices (data x fsdp; the tensor axis shares one batch)."""
+    return args.per_device_batch * args.grad_accum * data_size
+
+
+def resolve_lr(args: Args) -> tuple[float, float]:
+    pretrained = os.path.isdir(args.model)
+    peak = args.peak_lr if args.peak_lr is not None else (5e-6 if pretrained else 1e-2)
+    last = args.last_epoch_peak_lr if args.last_epoch_peak_lr is not None else peak * 3 / 5
+    return peak, last
+
+
+def build_plan(args: Args, sources: list[Source], manifests: list[list[dict]], global_batch: int) -> Plan:
+    peak, last = resolve_lr(args)
+    return make_plan(
+        args.scheme, args.epochs, global_batch,
+        text_ids=[[r["id"] for r in rows if r["audio"] is None] for rows in manifests],
+        speech_ids=[[r["id"] for r in rows if r["audio"] is not None] for rows in manifests],
+        fractions=[s.speech_fraction for s in sources], seed=args.seed, subset_seed=args.subset_seed,
+        peak_lr=peak, warmup_ratio=args.warmup_ratio, last_epoch_peak_lr=last,
+        last_epoch_warmup_ratio=args.last_epoch_warmup_ratio, paths=[s.path for s in sources],
+        speech_fraction=args.speech_fraction)
+
+
+def resolve_mesh_shape(args: Args, n_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor). fsdp=-1 takes every device the other two axes leave; explicit sizes may use fewer
+    devices than there are (the first data*fsdp*tensor ones: handy for comparisons), never more."""
+    fixed = args.data_parallel * args.tensor_parallel
+    if args.data_parallel < 1 or args.tensor_parallel < 1 or args.fsdp == 0 or args.fsdp < -1:
+        raise InputError(f"mesh sizes must be >= 1 (fsdp may be -1): --data-parallel {args.data_parallel} "
+                         f"--fsdp {args.fsdp} --tensor-parallel {args.tensor_parallel}")
+    if args.fsdp == -1 and n_devices % fixed:
+        raise InputError(f"--data-parallel {args.data_parallel} x --tensor-parallel {args.tensor_parallel} does not "
+                         f"divide the {n_devices} devices")
+    fsdp = n_devices // fixed if args.fsdp == -1 else args.fsdp
+    if fixed * fsdp > n_devices:
+        raise InputError(f"mesh --data-parallel {args.data_parallel} x --fsdp {fsdp} x --tensor-parallel "
+                         f"{args.tensor_parallel} needs {fixed * fsdp} devices; there are {n_devices} devices")
+    return args.data_parallel, fsdp, args.tensor_parallel
+
+
+def print_plan(args: Args) -> dict:
+    """--plan-only: manifests -> plan JSON on stdout. Reads no audio, loads no model."""
+    import jax
+    sources, manifests = load_sources(args)
+    data, fsdp, _ = resolve_mesh_shape(args, jax.device_count())
+    plan = build_plan(args, sources, manifests, global_batch_size(args, data * fsdp))
+    out = plan.to_json()
+    print(json.dumps(out, ensure_ascii=False))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Batches: manifest row -> tokens, labels and audio features
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    ids: list[int]                 # prompt + answer + <|im_end|>
+    n_prompt: int                  # the first n_prompt tokens carry no loss
+    features: np.ndarray | None    # [128, T_bucket] log-mel (speech rows)
+    n_frames: int                  # valid mel frames (0 for a transcript row)
+
+
+def encode_text(tok, text: str) -> list[int]:
+    enc = tok.encode(text, add_special_tokens=False)
+    return list(getattr(enc, "ids", enc))  # tokenizers.Tokenizer gives an Encoding, transformers a list
+
+
+def make_example(row: dict, tok) -> Example:
+    """A speech row puts its audio in the user turn, a transcript row its text; the instruction is the same."""
+    from model.answer import render_answer
+    from model import processor as P
+    answer = render_answer(row["scenario"], row["action"], row["entities"])
+    if row["audio"] is not None:
+        features, n_frames = P.log_mel_features(P.load_audio(row["audio"]))
+        prompt_ids = P.encode_prompt(tok, P.build_prompt(None, audio=True), n_audio_tokens=P.num_audio_tokens(n_frames))
+    else:
+        features, n_frames = None, 0
+        prompt_ids = P.encode_prompt(tok, P.build_prompt(row["text"], audio=False))
+    return Example(list(prompt_ids) + encode_text(tok, answer) + [IM_END], len(prompt_ids), features, int(n_frames))
+
+
+def collate(examples: list[Example | None], seq_len: int, n_frames_max: int | None,
+            answer_len: int | None = None) -> dict[str, np.ndarray]:
+    """Right-padded arrays. None = a padding row (the last step of an epoch): one token, no loss.
+
+    targets[t] = ids[t+1] and loss_mask[t] = 1 where that next token is part of the answer (or its <|im_end|>),
+    so the loss is on the assistant's answer only. answer_index [b, answer_len] lists those positions (padded
+    with 0, where loss_mask is always 0): the model computes logits only there. Transcript rows in a batch with speech get all-zero features
+    and feature_lengths 0 (the encoder masks them out entirely)."""
+    b = len(examples)
+    out = {"input_ids": np.full((b, seq_len), PAD_ID, np.int32), "attention_mask": np.zeros((b, seq_len), np.int32),
+           "targets": np.full((b, seq_len), PAD_ID, np.int32), "loss_mask": np.zeros((b, seq_len), np.float32)}
+    if answer_len is None:
+        answer_len = max([len(ex.ids) - ex.n_prompt for ex in examples if ex is not None] + [1])
+    out["answer_index"] = np.zeros((b, answer_len), np.int32)
+    if n_frames_max is not None:
+        out["input_features"] = np.zeros((b, 128, n_frames_max), np.float32)
+        out["feature_lengths"] = np.zeros((b,), np.int32)
+    for i, ex in enumerate(examples):
+        if ex is None:
+            out["attention_mask"][i, 0] = 1
+            continue
+        n = len(ex.ids)
+        out["input_ids"][i, :n] = ex.ids
+        out["attention_mask"][i, :n] = 1
+        out["targets"][i, :n - 1] = ex.ids[1:]
+        out["loss_mask"][i, ex.n_prompt - 1:n - 1] = 1.0
+        out["answer_index"][i, :n - ex.n_prompt] = np.arange(ex.n_prompt - 1, n - 1)
+        if ex.features is not None:
+            out["input_features"][i, :, :ex.features.shape[1]] = ex.features
+            out["feature_lengths"][i] = ex.n_frames
+    return out
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class StepLoader:
+    """Builds the arrays of one optimizer step: [grad_accum, micro_batch, ...], this process's rows only.
+
+    micro_batch = per_device_batch * data * fsdp rows. Row j of micro-batch a is row a*micro_batch + j of the
+    step's slice of the epoch order. A process loads (decodes audio for, tokenizes) only the rows of its own
+    devices; the padded length is agreed across processes so the global array has one shape."""
+
+    def __init__(self, plan: Plan, rows: list[dict[str, dict]], tok, grad_accum: int, micro_batch: int,
+                 local_rows: slice, length_bucket: int):
+        self.plan, self.rows, self.tok = plan, rows, tok
+        self.grad_accum, self.micro_batch, self.local, self.bucket = grad_accum, micro_batch, local_rows, length_bucket
+
+    def counts(self, step: int) -> tuple[int, int]:
+        keys = self.plan.step_keys(step)
+        n_speech = sum(1 for m, i in keys if self.rows[m][i]["audio"] is not None)
+        return len(keys) - n_speech, n_speech
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        keys = self.plan.step_keys(step)
+        keys = keys + [None] * (self.grad_accum * self.micro_batch - len(keys))
+        micro = [keys[a * self.micro_batch:(a + 1) * self.micro_batch][self.local] for a in range(self.grad_accum)]
+        examples = [[None if k is None else make_example(self.rows[k[0]][k[1]], self.tok) for k in mb]
+                    for mb in micro]
+        flat = [ex for mb in examples for ex in mb if ex is not None]
+        longest = max([len(ex.ids) for ex in flat] + [1])
+        frames = max([ex.features.shape[1] for ex in flat if ex.features is not None] + [0])
+        any_speech = any(self.rows[k[0]][k[1]]["audio"] is not None for k in keys if k is not None)
+        answer = max([len(ex.ids) - ex.n_prompt for ex in flat] + [1])
+        longest, frames, answer = _global_max(longest, frames, answer)
+        seq_len = round_up(longest, self.bucket)
+        answer_len = min(round_up(answer, 16), seq_len)
+        arrays = [collate(mb, seq_len, (frames or 4) if any_speech else None, answer_len) for mb in examples]
+        return {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
+
+
+def _global_max(*values: int) -> tuple[int, ...]:
+    import jax
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64)))
+    return tuple(int(v) for v in gathered.reshape(-1, len(values)).max(axis=0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. The train step
+# ----------------------------------------------------------------------------------------------------------------
+
+def answer_loss(params, config, mb: dict, dtype, remat_policy: str):
+    """(sum of token cross-entropies over answer tokens, their count) for one micro-batch. Logits are fp32."""
+    import jax
+    import jax.numpy as jnp
+    from model.qwen2_audio import forward
+    idx = mb["answer_index"]  # [b, A]: the positions whose next token is an answer token
+    logits = forward(params, config, mb["input_ids"], mb["attention_mask"], mb.get("input_features"),
+                     mb.get("feature_lengths"), dtype=dtype, remat_policy=remat_policy, logits_at=idx)
+    targets = jnp.take_along_axis(mb["targets"], idx, axis=1)
+    mask = jnp.take_along_axis(mb["loss_mask"], idx, axis=1)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((logz - target) * mask), jnp.sum(mask)
+
+
+def make_optimizer(args: Args, schedule):
+    import jax
+    import optax
+    # decay kernels and embeddings only, as the Hugging Face Trainer skips biases and norm scales
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding"), params)
+    return optax.chain(
+        optax.clip_by_global_norm(args.clip_norm),
+        optax.adamw(schedule, b1=args.adam_b1, b2=args.adam_b2, eps=args.adam_eps,
+                    weight_decay=args.weight_decay, mask=decay_mask))
+
+
+def make_train_step(config, tx, dtype, remat_policy: str):
+    """(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics).
+
+    batch leaves are [grad_accum, micro_batch, ...]. Gradients of the SUMMED token losses are accumulated over
+    the micro-batches and divided once by the step's answer-token count, so accumulation gives exactly the update
+    of one big batch. `frozen` (text-only: audio_tower + projector) is an input only: no gradient, no optimizer
+    state, returned untouched by construction."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def step(trainable, frozen, opt_state, batch):
+        def loss_fn(tr, mb):
+            return answer_loss({**frozen, **tr}, config, mb, dtype, remat_policy)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def micro(carry, mb):
+            grads, loss_sum, n_tok = carry
+            (l, n), g = grad_fn(trainable, mb)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + l, n_tok + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        (grads, loss_sum, n_tok), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+        denom = jnp.maximum(n_tok, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "answer_tokens": n_tok,
+                   # tokens of real rows (a padding row's single token is not work done)
+                   "tokens": jnp.sum(batch["attention_mask"] * (batch["loss_mask"].sum(-1, keepdims=True) > 0))}
+        return trainable, opt_state, metrics
+
+    return step
+
+
+def split_params(params: dict, scheme: str) -> tuple[dict, dict]:
+    """(trainable, frozen) by top-level subtree."""
+    frozen_keys = AUDIO_SUBTREES if scheme == "text-only" else ()
+    return ({k: v for k, v in params.items() if k not in frozen_keys},
+            {k: v for k, v in params.items() if k in frozen_keys})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. main
+# ----------------------------------------------------------------------------------------------------------------
+
+def maybe_init_distributed() -> None:
+    """Multi-host: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID (or a cluster JAX auto-detects,
+    e.g. SLURM, when only JAX_COORDINATOR_ADDRESS or SLUICE_DISTRIBUTED=1 is set)."""
+    import jax
+    if os.environ.get("JAX_NUM_PROCESSES"):
+        jax.distributed.initialize(coordinator_address=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+    elif os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLUICE_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def local_batch_rows(sharding, global_shape: tuple) -> slice:
+    """The contiguous rows of axis 1 ([accum, micro_batch, ...]) that this process's devices hold."""
+    idx = sharding.addressable_devices_indices_map(global_shape).values()
+    starts = [i[1].start or 0 for i in idx]
+    stops = [global_shape[1] if i[1].stop is None else i[1].stop for i in idx]
+    lo, hi = min(starts), max(stops)
+    covered = set()
+    for s, e in zip(starts, stops):
+        covered.update(range(s, e))
+    if covered != set(range(lo, hi)):
+        raise RuntimeError("this process's batch rows are not contiguous; use a mesh whose data/fsdp axes follow "
+                           "the process order (the default device order does)")
+    return slice(lo, hi)
+
+
+def to_global(batch: dict[str, np.ndarray], sharding, micro_batch: int) -> dict:
+    import jax
+    return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0], micro_batch) + v.shape[2:])
+            for k, v in batch.items()}
+
+
+def load_model(args: Args, config, param_sh, dtype_params):
+    """(hf_config dict, params placed with param_sh, tokenizer, directory to copy tokenizer files from)."""
+    import jax
+    from model import processor as P
+    from model.checkpoint import load_hf
+    from model.qwen2_audio import init_params
+    if os.path.isdir(args.model):
+        hf_config, params = load_hf(args.model, dtype=dtype_params, shardings=param_sh)
+        return hf_config, params, P.load_tokenizer(args.model), args.model
+    init = jax.jit(lambda rng: init_params(config, rng, dtype_params), out_shardings=param_sh)
+    return config.to_hf_dict(), init(jax.random.PRNGKey(args.seed)), P.load_tokenizer(None), None
+
+
+class Evaluator:
+    """Epoch-end dev evaluation on transcript rows: teacher-forced answer loss and greedy intent accuracy
+    (scenario and action both right), the paper's headline metric with text input."""
+
+    def __init__(self, rows: list[dict], tok, config, dtype, batch: int = 8, max_new_tokens: int = 64):
+        self.rows, self.tok, self.config, self.dtype = rows, tok, config, dtype
+        self.batch, self.max_new_tokens = batch, max_new_tokens
+        import jax
+        self.loss_fn = jax.jit(lambda p, mb: answer_loss(p, config, mb, dtype, "none"))
+
+    def __call__(self, params) -> dict:
+        import jax.numpy as jnp
+        from model.answer import parse_answer
+        from model.generate import greedy_search
+        from model import processor as P
+        loss_sum = n_tok = correct = 0.0
+        for start in range(0, len(self.rows), self.batch):
+            chunk = self.rows[start:start + self.batch]
+            examples = [make_example(r, self.tok) for r in chunk]
+            examples += [None] * (self.batch - len(examples))  # one shape for every chunk
+            mb = collate(examples, round_up(max(len(e.ids) for e in examples if e), 32), None)
+            l, n = self.loss_fn(params, mb)
+            loss_sum, n_tok = loss_sum + float(l), n_tok + float(n)
+            # greedy decoding of the left-padded prompts
+            prompts = [P.encode_prompt(self.tok, P.build_prompt(r["text"], audio=False)) for r in chunk]
+            prompts += [prompts[0]] * (self.batch - len(prompts))
+            width = round_up(max(map(len, prompts)), 32)
+            ids = np.full((self.batch, width), PAD_ID, np.int32)
+            mask = np.zeros((self.batch, width), np.int32)
+            for i, p in enumerate(prompts):
+                ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+            out = greedy_search(params, self.config, jnp.asarray(ids), jnp.asarray(mask),
+                                max_new_tokens=self.max_new_tokens, dtype=self.dtype)
+            tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+            for i, row in enumerate(chunk):
+                labels, _ = parse_answer(self.tok.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True))
+                correct += labels["scenario"] == row["scenario"] and labels["action"] == row["action"]
+        return {"dev_loss": loss_sum / max(n_tok, 1.0), "dev_intent_acc": correct / len(self.rows),
+                "dev_rows": len(self.rows)}
+
+
+def train(args: Args) -> dict:
+    maybe_init_distributed()
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding, PartitionSpec
+    from tqdm import tqdm
+    from model import processor as P
+    from model.checkpoint import save_hf
+    from model.config import get_config
+    from model.manifest import read_manifest
+    from model.qwen2_audio import abstract_params
+    from model.sharding import LOGICAL_AXIS_RULES, make_mesh, param_shardings
+
+    is_main = jax.process_index() == 0
+    log = print if is_main else (lambda *a, **k: None)
+    run_dir = Path(args.run_dir or REPO / "runs" / args.scheme).absolute()
+    dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    compute_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[dtype]
+
+    # --- mesh, data plan -------------------------------------------------------------------------------------------
+    data, fsdp, tensor = resolve_mesh_shape(args, jax.device_count())
+    if data * fsdp * tensor < jax.device_count() and jax.process_count() > 1:
+        raise InputError("with several processes the mesh must use every device")
+    mesh = make_mesh(data, fsdp, tensor, devices=jax.devices()[:data * fsdp * tensor])
+    micro_batch = args.per_device_batch * data * fsdp
+    sources, manifests = load_sources(args)
+    plan = build_plan(args, sources, manifests, global_batch_size(args, data * fsdp))
+    rows = [{r["id"]: r for r in m} for m in manifests]
+    fingerprint = plan.fingerprint()
+    schedule = lr_schedule(plan.phases)
+    total_steps = plan.total_steps if args.max_steps is None else min(plan.total_steps, args.max_steps)
+
+    # --- model, shardings, optimizer ----------------------------------------------------------------------------
+    config = get_config(args.model)
+    param_sh = param_shardings(mesh, abstract_params(config, jnp.float32))
+    hf_config, params, tok, tokenizer_dir = load_model(args, config, param_sh, jnp.float32)
+    trainable, frozen = split_params(params, args.scheme)
+    train_sh, frozen_sh = split_params(param_sh, args.scheme)
+    tx = make_optimizer(args, schedule)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shape = jax.eval_shape(tx.init, trainable)
+    # Adam moments are sharded like their parameters; step counters are replicated.
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shape, train_sh,
+                                   transform_non_params=lambda _: replicated)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+    batch_sh = NamedSharding(mesh, nn.logical_to_mesh_axes((None, "batch"), LOGICAL_AXIS_RULES))
+    step_fn = jax.jit(make_train_step(config, tx, compute_dtype, args.remat),
+                      in_shardings=(train_sh, frozen_sh, opt_sh, batch_sh),
+                      out_shardings=(train_sh, opt_sh, replicated), donate_argnums=(0, 2))
+    loader = StepLoader(plan, rows, tok, args.grad_accum, micro_batch,
+                        local_batch_rows(batch_sh, (args.grad_accum, micro_batch)), args.length_bucket)
+
+    # --- run directory: config.json, resume from the latest checkpoint ------------------------------------------
+    n_params = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))
+    settings = {"args": dataclasses.asdict(args), "compute_dtype": dtype, "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},
+                "devices": jax.device_count(), "processes": jax.process_count(), "micro_batch": micro_batch,
+                "global_batch": plan.global_batch, "total_steps": plan.total_steps, "plan_fingerprint": fingerprint,
+                "plan": {k: v for k, v in plan.to_json().items() if k != "speech_subset"},
+                "trainable_params": n_params(trainable), "frozen_params": n_params(frozen), "model_config": hf_config}
+    if is_main:
+        atomic_write_text(run_dir / "config.json", json.dumps(settings, indent=2, ensure_ascii=False, default=str))
+    ckpt = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
+        max_to_keep=args.keep_checkpoints, enable_async_checkpointing=False))
+    abstract = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+
+    def save(step: int, epoch: int) -> None:
+        state = {"params": {**frozen, **trainable}, "opt_state": jax.tree.leaves(opt_state)}
+        meta = {"step": step, "epochs_done": epoch, "plan_fingerprint": fingerprint, "seed": args.seed,
+                "subset_seed": args.subset_seed, "data_position": list(plan.position(step)) if step < plan.total_steps
+                else [len(plan.epochs), 0]}
+        ckpt.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                  force=True)
+        ckpt.wait_until_finished()
+
+    start = 0
+    if ckpt.latest_step() is not None:
+        start = ckpt.latest_step()
+        target = {"params": abstract({**frozen, **trainable}, {**frozen_sh, **train_sh}),
+                  "opt_state": jax.tree.leaves(abstract(opt_state, opt_sh))}
+        restored = ckpt.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                               meta=ocp.args.JsonRestore()))
+        if restored.meta["plan_fingerprint"] != fingerprint:
+            raise InputError(f"{run_dir}: its checkpoint was made with another data plan (manifests, scheme, seeds, "
+                             f"batch or epochs changed); use another --run-dir")
+        trainable, frozen = split_params(restored.state["params"], args.scheme)
+        opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), restored.state["opt_state"])
+        log(f"resumed from {run_dir}/checkpoints step {start} ({restored.meta['epochs_done']} epochs done)")
+    metrics_path = run_dir / "metrics.jsonl"
+    if is_main:  # drop rows a killed run logged after its last checkpoint: they will be recomputed
+        old = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        atomic_write_text(metrics_path, "".join(l + "\n" for l in old if json.loads(l).get("step", 0) <= start))
+
+    dev_rows = []
+    if args.dev_manifest and args.dev_manifest.lower() != "none" and args.eval_max_rows > 0:
+        dev_rows = [r for r in read_manifest(find_path(args.dev_manifest)) if r["audio"] is None][:args.eval_max_rows]
+    # (single-process only: decoding gathers the generated tokens onto this host)
+    evaluator = Evaluator(dev_rows, tok, config, compute_dtype) if dev_rows and jax.process_count() == 1 else None
+
+    log(f"{args.scheme}: {plan.total_steps} steps over {args.epochs} epochs, global batch {plan.global_batch} "
+        f"(micro-batch {micro_batch} x {args.grad_accum}), mesh data={data} fsdp={fsdp} tensor={tensor}, "
+        f"{n_params(trainable):,} trainable / {n_params(frozen):,} frozen params")
+    # --- the loop ---------------------------------------------------------------------------------------------------
+    history, evals, t_start = [], [], time.time()
+    bar = tqdm(total=total_steps, initial=start, disable=not (is_main and args.progress), dynamic_ncols=True)
+    # Load (decode audio, tokenize) step s+1 on a thread while step s runs. Single process only: with several, the
+    # loader's length agreement is a collective and stays on the main thread.
+    prefetch = ThreadPoolExecutor(1) if jax.process_count() == 1 else None
+    pending = None
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        for step in range(start, total_steps):
+            epoch, in_epoch = plan.position(step)
+            t0 = time.time()
+            host_batch = pending.result() if pending is not None else loader(step)
+            pending = prefetch.submit(loader, step + 1) if prefetch and step + 1 < total_steps else None
+            batch = to_global(host_batch, batch_sh, micro_batch)
+            trainable, opt_state, m = step_fn(trainable, frozen, opt_state, batch)
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                last = ckpt.latest_step()
+                if pending is not None:
+                    pending.cancel()
+                bar.close()
+                raise FloatingPointError(
+                    f"non-finite loss {m['loss']} (grad norm {m['grad_norm']}) at step {step + 1}, epoch {epoch + 1}; "
+                    f"stopped without saving. Last good checkpoint: "
+                    f"{'none' if last is None else run_dir / 'checkpoints' / str(last)}")
+            n_text, n_speech = loader.counts(step)
+            seconds = time.time() - t0
+            row = {"step": step + 1, "epoch": epoch + 1, "loss": m["loss"], "lr": float(schedule(step)),
+                   "n_text": n_text, "n_speech": n_speech, "tokens": int(m["tokens"]), "seconds": round(seconds, 4),
+                   "grad_norm": m["grad_norm"], "answer_tokens": int(m["answer_tokens"])}
+            history.append(row)
+            epoch_end = in_epoch == plan.epochs[epoch]["steps"] - 1
+            if epoch_end and evaluator is not None:
+                row.update(evaluator({**frozen, **trainable}))
+                evals.append({"epoch": epoch + 1, **{k: row[k] for k in ("dev_loss", "dev_intent_acc")}})
+                log(f"\nepoch {epoch + 1}: dev loss {row['dev_loss']:.4f}, intent accuracy {row['dev_intent_acc']:.3f}")
+            if is_main:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{m['tokens'] / seconds:.0f}")
+            bar.update(1)
+            if epoch_end or (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
+                save(step + 1, epoch + 1 if epoch_end else epoch)
+    bar.close()
+
+    params = {**frozen, **trainable}
+    done = total_steps == plan.total_steps
+    hf_dir = run_dir / "hf"
+    if args.export:  # also when --max-steps stopped the run early: that model can be decoded; a resume re-exports
+        with tempfile.TemporaryDirectory() as tmp:
+            extra = tokenizer_dir
+            if extra is None:  # a preset: write the tokenizer we trained with beside the weights
+                tok.save(str(Path(tmp) / "tokenizer.json"))
+                extra = tmp
+            if jax.process_count() > 1:  # gather each leaf to every process; process 0 writes
+                from jax.experimental import multihost_utils
+                params = multihost_utils.process_allgather(params, tiled=True)
+            if is_main:
+                save_hf(params, hf_config, hf_dir, extra_files_from=extra)
+    elapsed = time.time() - t_start
+    ran = [h for h in history]
+    summary = {"scheme": args.scheme, "run_dir": str(run_dir), "steps": total_steps, "planned_steps": plan.total_steps,
+               "resumed_from": start, "first_loss": ran[0]["loss"] if ran else None,
+               "last_loss": ran[-1]["loss"] if ran else None, "seconds": round(elapsed, 1),
+               "tokens_per_s": round(sum(h["tokens"] for h in ran) / max(sum(h["seconds"] for h in ran), 1e-9), 1),
+               "n_speech_seen": sum(h["n_speech"] for h in ran), "n_text_seen": sum(h["n_text"] for h in ran),
+               "opt_state_size": n_params(opt_state), "evals": evals, "hf_export": str(hf_dir) if args.export else None,
+               "finished": done,
+               "losses": [h["loss"] for h in ran]}
+    log("summary: " + json.dumps({k: v for k, v in summary.items() if k != "losses"}))
+    summary["params"] = params  # for callers in Python (tests, notebooks); not printed
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.plan_only:
+        return print_plan(args)
+    return train(args)
+
+
+if __name__ == "__main__":
+    from model.config import ConfigError
+    from model.manifest import ManifestError
+    try:
+        main()
+    except (InputError, ManifestError, ConfigError, FileNotFoundError) as e:  # bad input: one clear line
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:  # non-finite loss: the message says where the last good checkpoint is
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(3)
