@@ -199,12 +199,12 @@ def run_cell(args, cell: Cell, grid: Path, test: Path) -> bool:
     # The oracle decodes the transcripts with the text-only model of the same seed; nothing of its own to train.
     train_cell = Cell("text-only", 0.0, cell.seed) if cell.scheme == "oracle" else cell
     run_dir = train_cell.dir(grid) / "run"
-    # hf/ is written only when a run has trained to the end of its plan: such a run is finished.
+    # hf/ is written when a run ends (its plan's end, or --max-steps among the train flags): such a run is done.
     if not exported(run_dir):
         run_command(train_command(args, train_cell, grid))  # resumes from run/checkpoints if interrupted
         if not exported(run_dir):
-            raise GridError(f"{run_dir}: train.py finished without writing hf/ (does --max-steps stop it before the "
-                            f"end of its plan? a grid cell must train to the end)")
+            raise GridError(f"{run_dir}: train.py finished without writing hf/ (was --no-export among the train "
+                            f"flags? a grid cell must export its model to be decoded)")
     run_command(infer_command(args, run_dir, test, pred, text_input=cell.scheme == "oracle"))
     return True
 

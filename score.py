@@ -42,6 +42,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy import stats
 
+from model.manifest import iter_jsonl
+
 METRICS = ("scenario_acc", "action_acc", "intent_acc", "entity_f1", "word_f1", "char_f1", "slu_f1")
 COUNTS = ("n", "missing", "parse_errors")
 LABELS = {"scenario_acc": "scenario", "action_acc": "action", "intent_acc": "intent",
@@ -269,20 +271,8 @@ def significance(a: dict, b: dict) -> dict[str, bool]:
 # Reading files, with errors that name the file and line.
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((number, row))
-    return rows
+    """(line number, object) for every non-blank line; errors name the file and line (model/manifest.py's reader)."""
+    return list(iter_jsonl(path))
 
 
 def _check_row(path, number: int, row: dict, by: str | None = None) -> dict:

@@ -174,7 +174,10 @@ def test_resumed_run_equals_an_uninterrupted_one_and_exports_hf(setup, tmp_path)
               "--grad-accum", "1", "--fsdp", "8")  # 12 rows + 2*2 speech: 2 + 2 steps
     full = run(setup, tmp_path / "full", *common)
     first = run(setup, tmp_path / "resumed", *common, "--max-steps", "1")  # "killed" after step 1's checkpoint
-    assert first["steps"] == 1 and first["hf_export"] is None
+    assert first["steps"] == 1 and not first["finished"]
+    # a run stopped by --max-steps still exports the model it has (grids and demos decode it) ...
+    early, at_step_1 = leaves(load_hf(tmp_path / "resumed" / "hf")[1]), leaves(first["params"])
+    assert early.keys() == at_step_1.keys() and all(np.array_equal(early[k], at_step_1[k]) for k in early)
     second = run(setup, tmp_path / "resumed", *common)
     assert second["resumed_from"] == 1 and len(full["losses"]) == 4
     assert first["losses"] + second["losses"] == full["losses"]  # bit-identical losses
@@ -183,7 +186,7 @@ def test_resumed_run_equals_an_uninterrupted_one_and_exports_hf(setup, tmp_path)
     metrics = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert {"step", "epoch", "loss", "lr", "n_text", "n_speech", "tokens", "seconds"} <= set(metrics[0])
-    # the export is a Hugging Face directory with the final parameters and the tokenizer
+    # ... and the resumed run replaces that export with the final parameters and the tokenizer
     _, exported = load_hf(tmp_path / "resumed" / "hf")
     exp = leaves(exported)
     assert all(np.array_equal(exp[k], want[k]) for k in want)
