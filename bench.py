@@ -112,7 +112,6 @@ def run_ours(args: Args) -> dict:
 
 
 def run_torch(args: Args) -> dict:
-    import numpy as np
     import torch
     import transformers
 

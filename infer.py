@@ -25,11 +25,8 @@ summary: one bad generation never stops a run. The file is written to a temporar
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -45,7 +42,7 @@ from tqdm import tqdm
 from model import checkpoint, generate, processor, qwen2_audio, sharding
 from model.answer import parse_answer
 from model.config import Qwen2AudioConfig, get_config
-from model.manifest import read_manifest
+from model.manifest import atomic_write_text, jsonl_text, read_manifest
 
 # Bucket granularity: prompt lengths are padded up to a multiple of TOKEN_BUCKET tokens and audio up to a
 # multiple of FRAME_BUCKET mel frames (100 frames = 1 s; 30 s at most, longer clips are truncated like the
@@ -189,20 +186,6 @@ def make_batch(items: list[dict], tok, batch_size: int, pad_id: int) -> dict:
     return batch
 
 
-def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 def output_row(row: dict, prompt: str, generated: str) -> dict:
     labels, error = parse_answer(generated)
@@ -263,7 +246,7 @@ def main(args: Args) -> dict:
             pending = current
         collect(*pending)
     seconds = time.perf_counter() - start
-    write_jsonl_atomic(args.out, results)
+    atomic_write_text(args.out, jsonl_text(results))
 
     # Wall time from the first batch to the last, compilation included (one per batch shape).
     summary = {"rows": len(rows), "seconds": round(seconds, 2), "rows_per_s": round(len(rows) / seconds, 2),

@@ -35,10 +35,8 @@ import argparse
 import csv
 import io
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -49,6 +47,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import score  # noqa: E402
+from model.manifest import atomic_write, atomic_write_text  # noqa: E402
 
 SCHEMES = ("text-only", "direct", "curriculum", "oracle")  # table row order
 REFERENCE = "text-only"  # the dagger compares every cell against this scheme
@@ -249,6 +248,7 @@ def plot_fraction_curve(cells: list[dict], path: Path, metric: str = FIGURE_METR
     cells = [c for c in cells if c["group"] == "all" and c["metric"] == metric]
     positive = sorted({c["speech_fraction"] for c in cells if c["speech_fraction"] > 0})
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    drawn = []  # every y value a line or band reaches, for the axis limits
     for scheme in SCHEMES:
         mine = sorted((c for c in cells if c["scheme"] == scheme), key=lambda c: c["speech_fraction"])
         color = COLORS[scheme]
@@ -257,6 +257,7 @@ def plot_fraction_curve(cells: list[dict], path: Path, metric: str = FIGURE_METR
                 mean, half = 100 * c["mean"], 100 * (c["ci95"] or 0.0)
                 ax.axhline(mean, color=color, linestyle="--", label=f"{scheme} (p0)")
                 ax.axhspan(mean - half, mean + half, color=color, alpha=0.15, linewidth=0)
+                drawn += [mean - half, mean + half]
         curve = [c for c in mine if c["speech_fraction"] > 0]
         if curve:
             x = np.array([c["speech_fraction"] for c in curve])
@@ -264,6 +265,13 @@ def plot_fraction_curve(cells: list[dict], path: Path, metric: str = FIGURE_METR
             half = 100 * np.array([c["ci95"] or 0.0 for c in curve])
             ax.plot(x, y, marker="o", color=color, label=scheme)
             ax.fill_between(x, y - half, y + half, color=color, alpha=0.2, linewidth=0)
+            drawn += [*(y - half), *(y + half)]
+    if drawn:
+        # Scores live in [0, 100]; pad by at least one point so that equal scores (all 0 on a demo that
+        # has not learned yet) still get a readable axis instead of matplotlib's +-0.05 around one value.
+        lo, hi = min(drawn), max(drawn)
+        pad = max(1.0, 0.08 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad) if hi + pad > 1.0 else 1.0)
     if len(positive) >= 2:
         ax.set_xscale("log")
     ax.set_xlabel("speech fraction of the training data")
@@ -304,28 +312,9 @@ def plot_relative_improvement(improvements: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Atomic output.
 
-def _atomic_write(path: Path, write) -> None:
-    """write(temp path) in the destination folder, then rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-    _atomic_write(path, write)
-
-
 def _save(fig, path: Path) -> None:
     try:
-        _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     finally:
         plt.close(fig)
 
@@ -352,8 +341,8 @@ def report(grid: str | Path, gold: str | Path, out: str | Path, by: str | None =
 
     out.mkdir(parents=True, exist_ok=True)
     title = f"sluice report: {grid}" + (f", by {by}" if by else "")
-    _write_text(out / "table.md", format_markdown(cells, title, by))
-    _write_text(out / "table.csv", format_csv(cells))
+    atomic_write_text(out / "table.md", format_markdown(cells, title, by))
+    atomic_write_text(out / "table.csv", format_csv(cells))
     plot_fraction_curve(figure_cells, out / "slu_f1_vs_fraction.png")
     if by and improvements:
         plot_relative_improvement(improvements, out / "relative_improvement.png")
@@ -369,7 +358,7 @@ def report(grid: str | Path, gold: str | Path, out: str | Path, by: str | None =
         "relative_improvement": improvements,
         "warnings": warnings,
     }
-    _write_text(out / "report.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     return summary, warnings
 
 

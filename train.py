@@ -592,14 +592,6 @@ def maybe_init_distributed() -> None:
         jax.distributed.initialize()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def local_batch_rows(sharding, global_shape: tuple) -> slice:
     """The contiguous rows of axis 1 ([accum, micro_batch, ...]) that this process's devices hold."""
     idx = sharding.addressable_devices_indices_map(global_shape).values()
@@ -636,7 +628,10 @@ def load_model(args: Args, config, param_sh, dtype_params):
 
 class Evaluator:
     """Epoch-end dev evaluation on transcript rows: teacher-forced answer loss and greedy intent accuracy
-    (scenario and action both right), the paper's headline metric with text input."""
+    (scenario and action both right), the paper's headline metric with text input.
+
+    Multi-host: every process runs it on the same rows (host inputs count as replicated; the params are the
+    global sharded arrays), and results are gathered to every host, so all processes agree on the numbers."""
 
     def __init__(self, rows: list[dict], tok, config, dtype, batch: int = 8, max_new_tokens: int = 64):
         self.rows, self.tok, self.config, self.dtype = rows, tok, config, dtype
@@ -647,6 +642,7 @@ class Evaluator:
     def __call__(self, params) -> dict:
         import jax.numpy as jnp
         from model.answer import parse_answer
+        from model.checkpoint import host_array
         from model.generate import greedy_search
         from model import processor as P
         loss_sum = n_tok = correct = 0.0
@@ -656,7 +652,7 @@ class Evaluator:
             examples += [None] * (self.batch - len(examples))  # one shape for every chunk
             mb = collate(examples, round_up(max(len(e.ids) for e in examples if e), 32), None)
             l, n = self.loss_fn(params, mb)
-            loss_sum, n_tok = loss_sum + float(l), n_tok + float(n)
+            loss_sum, n_tok = loss_sum + float(host_array(l)), n_tok + float(host_array(n))
             # greedy decoding of the left-padded prompts
             prompts = [P.encode_prompt(self.tok, P.build_prompt(r["text"], audio=False)) for r in chunk]
             prompts += [prompts[0]] * (self.batch - len(prompts))
@@ -667,7 +663,7 @@ class Evaluator:
                 ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
             out = greedy_search(params, self.config, jnp.asarray(ids), jnp.asarray(mask),
                                 max_new_tokens=self.max_new_tokens, dtype=self.dtype)
-            tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+            tokens, lengths = host_array(out.tokens), host_array(out.lengths)
             for i, row in enumerate(chunk):
                 labels, _ = parse_answer(self.tok.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True))
                 correct += labels["scenario"] == row["scenario"] and labels["action"] == row["action"]
@@ -684,10 +680,9 @@ def train(args: Args) -> dict:
     import orbax.checkpoint as ocp
     from jax.sharding import NamedSharding, PartitionSpec
     from tqdm import tqdm
-    from model import processor as P
     from model.checkpoint import save_hf
     from model.config import get_config
-    from model.manifest import read_manifest
+    from model.manifest import atomic_write_text, read_manifest
     from model.qwen2_audio import abstract_params
     from model.sharding import LOGICAL_AXIS_RULES, make_mesh, param_shardings
 
@@ -773,8 +768,8 @@ def train(args: Args) -> dict:
     dev_rows = []
     if args.dev_manifest and args.dev_manifest.lower() != "none" and args.eval_max_rows > 0:
         dev_rows = [r for r in read_manifest(find_path(args.dev_manifest)) if r["audio"] is None][:args.eval_max_rows]
-    # (single-process only: decoding gathers the generated tokens onto this host)
-    evaluator = Evaluator(dev_rows, tok, config, compute_dtype) if dev_rows and jax.process_count() == 1 else None
+    # every process evaluates the same rows (see Evaluator); process 0 logs
+    evaluator = Evaluator(dev_rows, tok, config, compute_dtype) if dev_rows else None
 
     log(f"{args.scheme}: {plan.total_steps} steps over {args.epochs} epochs, global batch {plan.global_batch} "
         f"(micro-batch {micro_batch} x {args.grad_accum}), mesh data={data} fsdp={fsdp} tensor={tensor}, "
@@ -833,11 +828,8 @@ def train(args: Args) -> dict:
             if extra is None:  # a preset: write the tokenizer we trained with beside the weights
                 tok.save(str(Path(tmp) / "tokenizer.json"))
                 extra = tmp
-            if jax.process_count() > 1:  # gather each leaf to every process; process 0 writes
-                from jax.experimental import multihost_utils
-                params = multihost_utils.process_allgather(params, tiled=True)
-            if is_main:
-                save_hf(params, hf_config, hf_dir, extra_files_from=extra)
+            # Every process gathers leaf by leaf (multi-host); process 0 writes.
+            save_hf(params, hf_config, hf_dir, extra_files_from=extra, write=is_main)
     elapsed = time.time() - t_start
     ran = [h for h in history]
     summary = {"scheme": args.scheme, "run_dir": str(run_dir), "steps": total_steps, "planned_steps": plan.total_steps,

@@ -295,12 +295,26 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def host_array(x) -> np.ndarray:
+    """The whole of one array as a host array. An array sharded over several processes is all-gathered: that
+    is a collective, so every process must call this for the same arrays in the same order."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def save_hf(params: dict, hf_config: dict, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
-            extra_files_from: str | os.PathLike | None = None) -> Path:
+            extra_files_from: str | os.PathLike | None = None, write: bool = True) -> Path:
     """Write params as a Hugging Face directory that transformers' from_pretrained loads.
 
     Tensors keep the dtype of their leaf. The directory is built under a temporary name beside out_dir and
     renamed into place only when complete; an existing out_dir is replaced at that point, never before.
+
+    Multi-host: every process calls this with its (globally sharded) params. Tensors are gathered one at a
+    time (one layer of a stacked leaf), so a host holds one shard file's worth (5 GB by default) plus one
+    tensor, never the whole model. Only the process with `write=True` touches the disk; the others just take
+    part in the gathers.
     """
     out_dir = Path(out_dir).absolute()
     layout = checkpoint_layout(hf_config)
@@ -318,6 +332,14 @@ def save_hf(params: dict, hf_config: dict, out_dir: str | os.PathLike, max_shard
             plan.append((name, leaf, i if leaf.layers else -1))
             sizes.append((name, numel * np.dtype(x.dtype).itemsize))
             total_params += numel
+    def host_tensor(leaf: Leaf, layer: int) -> np.ndarray:  # one layer of a stacked leaf at a time
+        x = _subtree(params, leaf.path, "params")
+        return host_array(x[layer] if layer >= 0 else x)
+
+    if not write:
+        for _, leaf, layer in plan:  # the writer's gathers, in the writer's order
+            host_tensor(leaf, layer)
+        return out_dir
     shards = _split_shards(sizes, max_shard_bytes)
     n = len(shards)
     names = [SINGLE_FILE] if n == 1 else [SHARD_PATTERN.format(k + 1, n) for k in range(n)]
@@ -328,17 +350,13 @@ def save_hf(params: dict, hf_config: dict, out_dir: str | os.PathLike, max_shard
     try:
         _write_json(tmp / CONFIG_NAME, hf_config)
         pending: dict[str, np.ndarray] = {}
-        gathered_path, gathered = None, None
         for k, (name, leaf, layer) in enumerate(plan):
-            if leaf.path != gathered_path:  # one leaf at a time on the host
-                gathered_path, gathered = leaf.path, np.asarray(jax.device_get(_subtree(params, leaf.path, "params")))
-            pending[name] = _to_hf(leaf.kind, gathered[layer] if layer >= 0 else gathered)
+            pending[name] = _to_hf(leaf.kind, host_tensor(leaf, layer))
             last_of_file = k + 1 == len(plan) or file_of[plan[k + 1][0]] != file_of[name]
             if last_of_file:
                 # "format": "pt" is what transformers writes and checks for when it loads the file.
                 save_file(pending, str(tmp / file_of[name]), metadata={"format": "pt"})
                 pending = {}
-        del gathered
         if len(shards) > 1:
             _write_json(tmp / INDEX_FILE, {
                 "metadata": {"total_parameters": total_params, "total_size": sum(s for _, s in sizes)},

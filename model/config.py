@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
+
+from model.manifest import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -150,18 +151,8 @@ class Qwen2AudioConfig:
 
     def save_pretrained(self, directory: str) -> str:
         """Write directory/config.json atomically (temp file + rename). Returns the path."""
-        os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "config.json")
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config.json.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_hf_dict(), f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write_text(path, json.dumps(self.to_hf_dict(), indent=2) + "\n")
         return path
 
     def validate(self, source: str = "config") -> None:

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 # Required fields and the JSON types they must have. `audio` may also be null.
 REQUIRED_FIELDS: dict[str, type] = {
@@ -125,25 +125,43 @@ def _check_rows(rows: Iterable[dict], name: str) -> list[dict]:
     return rows
 
 
-def _dump(rows: list[dict], f) -> None:
-    for row in rows:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call `write(tmp)` to fill a temp file in `path`'s folder, then rename it onto `path`.
+
+    Every file the stages write (manifests, predictions, configs, tables, figures, the tokenizer cache)
+    goes through here: a reader never sees half a file, and a failure (or Ctrl-C) leaves the old file,
+    if any, untouched and no temp file behind. Same folder, so the rename is atomic on POSIX.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are meant to be read by others
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`atomic_write` for a UTF-8 text file, written as given (no newline translation)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def jsonl_text(rows: Iterable[dict]) -> str:
+    """One JSON object per line, non-ASCII kept as is (the manifest and prediction format)."""
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def write_manifest(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    """Validate `rows` and write them to `path` atomically (temp file in the same folder, then rename):
-    a reader never sees half a file, and a failure leaves the old file, if any, untouched."""
-    path = Path(path)
-    rows = _check_rows(rows, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            _dump(rows, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Validate `rows` and write them to `path` atomically (see `atomic_write`)."""
+    atomic_write_text(path, jsonl_text(_check_rows(rows, str(path))))
 
 
 def write_split_dir(out_dir: str | os.PathLike, splits: dict[str, list[dict]]) -> None:
@@ -174,8 +192,7 @@ def write_split_dir(out_dir: str | os.PathLike, splits: dict[str, list[dict]]) -
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         for split, rows in checked.items():
-            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
-                _dump(rows, f)
+            (tmp / f"{split}.jsonl").write_text(jsonl_text(rows), encoding="utf-8")
         if out_dir.exists():
             # Swap: old aside, new in, old removed. Two renames, so a crash leaves one complete folder.
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))

@@ -15,7 +15,6 @@ import hashlib
 import importlib.resources
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import librosa
@@ -23,6 +22,8 @@ import numpy as np
 import soundfile as sf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
+
+from model.manifest import atomic_write_text
 
 # ----------------------------------------------------------------------------------------------------------------
 # Constants
@@ -241,18 +242,6 @@ def build_qwen2_tokenizer(ranks: dict[bytes, int]) -> Tokenizer:
     return tok
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SLUICE_CACHE") or Path.home() / ".cache" / "sluice")
@@ -276,7 +265,7 @@ def _cached_qwen2_tokenizer() -> Tokenizer:
             tok = None
     if tok is None:
         tok = build_qwen2_tokenizer(read_tiktoken_ranks(ranks_path))
-        _atomic_write_text(cache_file, tok.to_str())
+        atomic_write_text(cache_file, tok.to_str())
     _BUILT[cache_file] = tok
     return tok
 

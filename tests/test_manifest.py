@@ -2,10 +2,11 @@
 import json
 import os
 import re
+import stat
 
 import pytest
 
-from model.manifest import ManifestError, read_manifest, write_manifest, write_split_dir
+from model.manifest import ManifestError, atomic_write, atomic_write_text, read_manifest, write_manifest, write_split_dir
 
 
 def row(i, audio=None, **kw):
@@ -129,3 +130,26 @@ def test_split_dir_replaces_an_earlier_output_but_refuses_other_folders(tmp_path
     with pytest.raises(ManifestError, match="holds files other than manifests"):
         write_split_dir(out, {"train": [row(6)]})
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_atomic_write_interrupted_midway_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
+    # The writer has already put half its bytes in the temp file when it is interrupted (Ctrl-C).
+    path = tmp_path / "pred.jsonl"
+    atomic_write_text(path, "old\n")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write("half a li")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, write)
+    assert path.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["pred.jsonl"]
+
+
+def test_atomic_write_output_is_readable_by_others_unlike_a_bare_mkstemp_file(tmp_path):
+    path = tmp_path / "sub" / "table.md"  # missing folders are created
+    atomic_write_text(path, "| a |\r\n")
+    assert path.read_bytes() == b"| a |\r\n"  # written as given: no newline translation
+    assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044

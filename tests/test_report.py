@@ -314,3 +314,25 @@ def test_a_prediction_id_not_in_the_gold_file_is_an_error_naming_file_and_line(t
     assert report.main(["--grid", str(tmp_path / "g"), "--gold", str(tmp_path / "test.jsonl"),
                         "--out", str(tmp_path / "out")]) == 2
     assert f"{pred_path}:4: id 'nope' is not in" in capsys.readouterr().err
+
+
+def test_fraction_figure_of_all_zero_scores_gets_a_readable_zero_to_one_point_axis(tmp_path, monkeypatch):
+    # A demo that has not learned yet scores 0 everywhere; matplotlib alone would give the axis -0.05..0.05.
+    seen = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path: seen.update(ylim=fig.axes[0].get_ylim()))
+    cells = [{"group": "all", "metric": "slu_f1", "scheme": s, "speech_fraction": p, "mean": 0.0, "ci95": 0.0}
+             for s, p in [("text-only", 0.0), ("direct", 0.1), ("direct", 0.5), ("curriculum", 0.1)]]
+    report.plot_fraction_curve(cells, tmp_path / "f.png")
+    assert seen["ylim"] == (0.0, 1.0)
+
+
+def test_fraction_figure_axis_covers_every_band_within_zero_to_hundred(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path: seen.update(ylim=fig.axes[0].get_ylim()))
+    cells = [{"group": "all", "metric": "slu_f1", "scheme": "text-only", "speech_fraction": 0.0, "mean": 0.40,
+              "ci95": 0.05},
+             {"group": "all", "metric": "slu_f1", "scheme": "direct", "speech_fraction": 0.1, "mean": 0.97,
+              "ci95": 0.06}]
+    report.plot_fraction_curve(cells, tmp_path / "f.png")
+    lo, hi = seen["ylim"]
+    assert 25.0 < lo < 35.0 and hi == 100.0  # band 35..103: padded below, clipped at 100 above

@@ -212,9 +212,9 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_process_distributed_run_has_the_losses_of_one_process(setup, tmp_path):
+def test_two_process_distributed_run_has_the_losses_evaluation_and_export_of_one_process(setup, tmp_path):
     flags = ["train.py", "--model", str(setup["model"]), "--train-manifest", str(setup["manifest"]),
-             "--dev-manifest", "none", "--no-progress", "--peak-lr", "1e-3", "--scheme", "direct",
+             "--dev-manifest", str(setup["manifest"]), "--eval-max-rows", "3", "--no-progress", "--peak-lr", "1e-3", "--scheme", "direct",
              "--speech-fraction", "1.0", "--epochs", "1", "--per-device-batch", "1", "--grad-accum", "2",
              "--max-steps", "2", "--save-every", "0"]
     base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false",
@@ -236,6 +236,18 @@ def test_two_process_distributed_run_has_the_losses_of_one_process(setup, tmp_pa
     assert config["processes"] == 2 and config["devices"] == 4
     assert len(losses("one")) == 2
     np.testing.assert_allclose(losses("two"), losses("one"), atol=1e-5, rtol=0)
+    # The epoch-end evaluation (the run's one epoch ends at step 2) runs on both processes with global params.
+    evals = {d: [json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()][-1]
+             for d in ("one", "two")}
+    assert evals["one"]["dev_rows"] == evals["two"]["dev_rows"] == 3
+    assert evals["two"]["dev_loss"] == pytest.approx(evals["one"]["dev_loss"], abs=1e-5)
+    assert evals["two"]["dev_intent_acc"] == evals["one"]["dev_intent_acc"]
+    # The export gathers each tensor across the two processes; process 0 writes the same model as one process.
+    from safetensors.numpy import load_file
+    exported = {d: load_file(str(tmp_path / d / "hf" / "model.safetensors")) for d in ("one", "two")}
+    assert sorted(exported["two"]) == sorted(exported["one"])
+    for name, value in exported["one"].items():
+        np.testing.assert_allclose(exported["two"][name], value, atol=1e-5, rtol=0, err_msg=name)
 
 
 # --- it learns ---------------------------------------------------------------------------------------------------
