@@ -336,3 +336,14 @@ def test_fraction_figure_axis_covers_every_band_within_zero_to_hundred(tmp_path,
     report.plot_fraction_curve(cells, tmp_path / "f.png")
     lo, hi = seen["ylim"]
     assert 25.0 < lo < 35.0 and hi == 100.0  # band 35..103: padded below, clipped at 100 above
+
+
+def test_fraction_figure_ticks_are_the_grid_fractions_labelled_like_the_table_columns(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path: seen.update(
+        ticks=list(fig.axes[0].get_xticks()), labels=[t.get_text() for t in fig.axes[0].get_xticklabels()],
+        minor=list(fig.axes[0].get_xticks(minor=True))))
+    cells = [{"group": "all", "metric": "slu_f1", "scheme": s, "speech_fraction": p, "mean": 0.3, "ci95": 0.01}
+             for s, p in [("text-only", 0.0), ("direct", 0.02), ("direct", 0.25), ("direct", 1.0)]]
+    report.plot_fraction_curve(cells, tmp_path / "f.png")
+    assert seen["ticks"] == [0.02, 0.25, 1.0] and seen["labels"] == ["2%", "25%", "100%"] and seen["minor"] == []

@@ -1,0 +1,142 @@
+"""The demo grid's numbers in README.md are the ones the commands print.
+
+docs/demo-grid/ holds the predictions of the README's demo grid (`grid.py` on the bundled demo corpus, 2 seeds)
+and the gold file they were scored against. These tests rebuild the report from those files with report.py and
+check the README against it: the table is the printed one, every interval is the Student-t interval of the
+per-seed scores, the daggers mean what the table says, and the committed figure is a real picture.
+"""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+
+import report
+import score
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = ROOT / "docs" / "demo-grid"
+GOLD = GRID / "test_speech.jsonl"
+BEGIN, END = "<!-- demo-grid table: begin -->", "<!-- demo-grid table: end -->"
+CELL = re.compile(r"(?P<mean>\d+\.\d) ± (?P<ci>\d+\.\d)(?P<dagger>†?)")
+METRIC_OF_LABEL = {label: metric for metric, label in score.LABELS.items()}
+
+
+def _readme_block() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert text.count(BEGIN) == 1 and text.count(END) == 1, f"README.md needs one {BEGIN} ... {END} block"
+    return text.split(BEGIN)[1].split(END)[0].strip()
+
+
+def _tables(text: str) -> dict[tuple[str, str, str], str]:
+    """{(metric, scheme, column header): cell} of Markdown tables under `## <label> (%)` headings."""
+    cells, metric, columns = {}, None, None
+    for line in text.splitlines():
+        if line.startswith("#") and line.endswith("(%)"):
+            metric = METRIC_OF_LABEL[line.lstrip("#").strip()[:-len(" (%)")]]
+        elif line.startswith("| scheme |"):
+            columns = [c.strip() for c in line.strip("|").split("|")][1:]
+        elif line.startswith("| ") and columns:
+            scheme, *values = [c.strip() for c in line.strip("|").split("|")]
+            for column, value in zip(columns, values, strict=True):
+                cells[(metric, scheme, column)] = value
+    return cells
+
+
+def _half_width(values) -> float:
+    """scipy's 95% Student-t half-width: the paper's interval, computed without score.py."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.all(values == values[0]):
+        return 0.0
+    low, high = scipy.stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=scipy.stats.sem(values))
+    return (high - low) / 2
+
+
+@pytest.fixture(scope="module")
+def rebuilt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-report")
+    summary, _ = report.report(GRID, GOLD, out)
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def per_seed():
+    """{(scheme, column header): {metric: [value of each seed]}} from score.py on one prediction file at a time."""
+    gold = score.load_gold(GOLD)
+    ids = {row["id"] for row in gold}
+    runs, _ = report.find_runs(GRID)
+    values = {}
+    for (scheme, fraction), seeds in runs.items():
+        results = [score.evaluate(gold, [score.load_predictions(path, ids, GOLD)]) for _, path in seeds]
+        values[(scheme, report.fraction_label(fraction))] = {
+            m: [r[m] for r in results] for m in report.DEFAULT_METRICS}
+    return values
+
+
+def test_readme_table_is_the_table_report_py_prints_from_the_committed_predictions(rebuilt):
+    out, _ = rebuilt
+    printed = (out / "table.md").read_text(encoding="utf-8")
+    body = printed[printed.index("\n## "):].strip()  # the title names the grid path; the tables follow it
+    # in the README the tables sit under a section of their own: their headings are two levels deeper
+    body = "\n".join("##" + line if line.startswith("#") else line for line in body.splitlines())
+    assert _readme_block() == body
+
+
+def test_committed_gold_is_the_demo_test_splits_speech_rows_and_its_audio_is_in_the_repository():
+    gold = score.load_gold(GOLD)
+    demo_speech = [json.loads(line) for line in (ROOT / "data/demo/test.jsonl").read_text().splitlines() if line]
+    demo_speech = [r for r in demo_speech if r["audio"] is not None]
+    assert [r["id"] for r in gold] == [r["id"] for r in demo_speech] and len(gold) == 80
+    for row in gold:
+        assert not Path(row["audio"]).is_absolute() and (GOLD.parent / row["audio"]).is_file(), row["audio"]
+
+
+def test_every_scheme_has_both_fractions_and_two_seeds(per_seed):
+    assert sorted(per_seed) == sorted([("text-only", "0%"), ("oracle", "0%"), ("direct", "10%"), ("direct", "50%"),
+                                       ("curriculum", "10%"), ("curriculum", "50%")])
+    assert all(len(v) == 2 for cell in per_seed.values() for v in cell.values())
+
+
+def test_readme_cells_are_the_mean_and_t_interval_of_the_per_seed_scores(per_seed):
+    cells = _tables(_readme_block())
+    assert {m for m, _, _ in cells} == set(report.DEFAULT_METRICS)
+    checked = 0
+    for (metric, scheme, column), text in cells.items():
+        if (scheme, column) not in per_seed:
+            assert text == "–", (metric, scheme, column)
+            continue
+        match = CELL.fullmatch(text)
+        assert match, f"{metric} {scheme} {column}: {text!r} is not 'mean ± ci' in percent with one decimal"
+        values = per_seed[(scheme, column)][metric]
+        assert match["mean"] == f"{100 * np.mean(values):.1f}", (metric, scheme, column, values)
+        assert match["ci"] == f"{100 * _half_width(values):.1f}", (metric, scheme, column, values)
+        checked += 1
+    assert checked == 3 * 6
+
+
+def test_a_dagger_marks_exactly_the_cells_whose_interval_misses_text_onlys(per_seed):
+    cells = _tables(_readme_block())
+    for (metric, scheme, column), text in cells.items():
+        if text == "–":
+            continue
+        values, base = per_seed[(scheme, column)][metric], per_seed[("text-only", "0%")][metric]
+        a, b = (np.mean(values), _half_width(values)), (np.mean(base), _half_width(base))
+        apart = a[0] - a[1] > b[0] + b[1] or b[0] - b[1] > a[0] + a[1]
+        assert text.endswith("†") == (apart and scheme != "text-only"), (metric, scheme, column, values, base)
+
+
+def test_committed_figure_is_a_real_non_blank_png_like_the_one_report_py_draws(rebuilt):
+    import matplotlib.image
+    out, _ = rebuilt
+    committed, drawn = GRID / "slu_f1_vs_fraction.png", out / "slu_f1_vs_fraction.png"
+    for path in (committed, drawn):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+        pixels = matplotlib.image.imread(path)
+        assert pixels.shape[0] >= 300 and pixels.shape[1] >= 400, (path, pixels.shape)
+        rgb = pixels[..., :3].reshape(-1, 3)
+        assert rgb.std() > 0.05 and (rgb.max(axis=1) - rgb.min(axis=1) > 0.3).mean() > 0.002, path  # lines in colour
+    # same canvas; the pixels may differ a little between font renderers, not in layout
+    a, b = matplotlib.image.imread(committed), matplotlib.image.imread(drawn)
+    assert a.shape == b.shape and np.abs(a - b).mean() < 0.02
