@@ -236,6 +236,9 @@ def ran(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # the subprocesses: one device
+        # The 10 subprocesses compile the same few programs again and again: share JAX's persistent cache
+        # (a test-time saving only; the grid itself runs as a user would run it).
+        mp.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp / "jax-cache"))
         mp.setattr(grid, "run_command", spy)
         assert grid.main(argv) == 0
         first = list(calls)
