@@ -5,16 +5,16 @@ and the gold file they were scored against. These tests rebuild the report from 
 check the README against it: the table is the printed one, every interval is the Student-t interval of the
 per-seed scores, the daggers mean what the table says, and the committed figure is a real picture.
 """
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.stats
 
 import report
 import score
+from model.manifest import read_manifest
+from table_reference import parse_markdown, t_half_width
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "docs" / "demo-grid"
@@ -31,27 +31,9 @@ def _readme_block() -> str:
 
 
 def _tables(text: str) -> dict[tuple[str, str, str], str]:
-    """{(metric, scheme, column header): cell} of Markdown tables under `## <label> (%)` headings."""
-    cells, metric, columns = {}, None, None
-    for line in text.splitlines():
-        if line.startswith("#") and line.endswith("(%)"):
-            metric = METRIC_OF_LABEL[line.lstrip("#").strip()[:-len(" (%)")]]
-        elif line.startswith("| scheme |"):
-            columns = [c.strip() for c in line.strip("|").split("|")][1:]
-        elif line.startswith("| ") and columns:
-            scheme, *values = [c.strip() for c in line.strip("|").split("|")]
-            for column, value in zip(columns, values, strict=True):
-                cells[(metric, scheme, column)] = value
-    return cells
-
-
-def _half_width(values) -> float:
-    """scipy's 95% Student-t half-width: the paper's interval, computed without score.py."""
-    values = np.asarray(values, dtype=np.float64)
-    if np.all(values == values[0]):
-        return 0.0
-    low, high = scipy.stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=scipy.stats.sem(values))
-    return (high - low) / 2
+    """{(metric, scheme, column header): cell} of the README's tables (one group: all rows)."""
+    return {(METRIC_OF_LABEL[label], scheme, column): cell
+            for (_, label, scheme, column), cell in parse_markdown(text).items()}
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +68,7 @@ def test_readme_table_is_the_table_report_py_prints_from_the_committed_predictio
 
 def test_committed_gold_is_the_demo_test_splits_speech_rows_and_its_audio_is_in_the_repository():
     gold = score.load_gold(GOLD)
-    demo_speech = [json.loads(line) for line in (ROOT / "data/demo/test.jsonl").read_text().splitlines() if line]
-    demo_speech = [r for r in demo_speech if r["audio"] is not None]
+    demo_speech = [r for r in read_manifest(ROOT / "data/demo/test.jsonl") if r["audio"] is not None]
     assert [r["id"] for r in gold] == [r["id"] for r in demo_speech] and len(gold) == 80
     for row in gold:
         assert not Path(row["audio"]).is_absolute() and (GOLD.parent / row["audio"]).is_file(), row["audio"]
@@ -111,7 +92,7 @@ def test_readme_cells_are_the_mean_and_t_interval_of_the_per_seed_scores(per_see
         assert match, f"{metric} {scheme} {column}: {text!r} is not 'mean ± ci' in percent with one decimal"
         values = per_seed[(scheme, column)][metric]
         assert match["mean"] == f"{100 * np.mean(values):.1f}", (metric, scheme, column, values)
-        assert match["ci"] == f"{100 * _half_width(values):.1f}", (metric, scheme, column, values)
+        assert match["ci"] == f"{100 * t_half_width(values):.1f}", (metric, scheme, column, values)
         checked += 1
     assert checked == 3 * 6
 
@@ -122,7 +103,7 @@ def test_a_dagger_marks_exactly_the_cells_whose_interval_misses_text_onlys(per_s
         if text == "–":
             continue
         values, base = per_seed[(scheme, column)][metric], per_seed[("text-only", "0%")][metric]
-        a, b = (np.mean(values), _half_width(values)), (np.mean(base), _half_width(base))
+        a, b = (np.mean(values), t_half_width(values)), (np.mean(base), t_half_width(base))
         apart = a[0] - a[1] > b[0] + b[1] or b[0] - b[1] > a[0] + a[1]
         assert text.endswith("†") == (apart and scheme != "text-only"), (metric, scheme, column, values, base)
 

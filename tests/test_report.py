@@ -13,10 +13,10 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
-import scipy.stats
 
 import report
 import score
+from table_reference import parse_markdown, t_half_width
 
 REPO = Path(__file__).resolve().parents[1]
 N_ROWS = 40  # rows alternate en / de
@@ -86,30 +86,6 @@ def by_lang(grid):
     return out, json.loads((out / "report.json").read_text(encoding="utf-8"))
 
 
-def _parse_markdown(text):
-    """{(group, metric label, scheme, column header): cell} from table.md."""
-    cells, group, metric, columns = {}, "all", None, None
-    for line in text.splitlines():
-        if line.startswith("## ") and " = " in line:
-            group = line[3:].replace(" = ", "=")
-        elif line.startswith("#") and line.endswith("(%)"):
-            metric = line.lstrip("#").strip()[:-len(" (%)")]
-        elif line.startswith("| scheme |"):
-            columns = [c.strip() for c in line.strip("|").split("|")][1:]
-        elif line.startswith("| ") and columns:
-            scheme, *values = [c.strip() for c in line.strip("|").split("|")]
-            for column, value in zip(columns, values, strict=True):
-                cells[(group, metric, scheme, column)] = value
-    return cells
-
-
-def _t_half_width(values):
-    """Half-width of scipy's 95% Student-t interval: the paper's definition, independent of score.py."""
-    values = np.asarray(values, dtype=np.float64)
-    low, high = scipy.stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=scipy.stats.sem(values))
-    return (high - low) / 2
-
-
 def _intent_values(fraction_dir_and_scheme):
     return [k / N_ROWS for k in GRID[fraction_dir_and_scheme] if k is not None]
 
@@ -118,13 +94,13 @@ def _intent_values(fraction_dir_and_scheme):
 
 def test_intent_cell_is_the_mean_and_scipy_t_interval_of_the_known_seed_accuracies(plain):
     out, _ = plain
-    table = _parse_markdown((out / "table.md").read_text(encoding="utf-8"))
+    table = parse_markdown((out / "table.md").read_text(encoding="utf-8"))
     checked = 0
     for (scheme, fraction), ks in GRID.items():
         values = _intent_values((scheme, fraction))
         if len(values) < 2:
             continue
-        expected = f"{100 * np.mean(values):.1f} ± {100 * _t_half_width(values):.1f}"
+        expected = f"{100 * np.mean(values):.1f} ± {100 * t_half_width(values):.1f}"
         assert table[("all", "intent", scheme, COLUMN[fraction])].rstrip("†") == expected, (scheme, fraction)
         checked += 1
     assert checked == 6
@@ -141,27 +117,27 @@ def test_json_cell_holds_each_seeds_value_the_mean_and_the_unrounded_half_width(
         assert cell["runs"] == len(values) and len(cell["seeds"]) == len(values)
         assert cell["mean"] == pytest.approx(np.mean(values), abs=1e-12)
         if len(values) > 1:
-            assert cell["ci95"] == pytest.approx(_t_half_width(values), rel=1e-9)
+            assert cell["ci95"] == pytest.approx(t_half_width(values), rel=1e-9)
         else:
             assert cell["ci95"] is None
 
 
 def test_a_single_seed_cell_shows_its_value_with_n1_and_no_interval(plain):
     out, _ = plain
-    table = _parse_markdown((out / "table.md").read_text(encoding="utf-8"))
+    table = parse_markdown((out / "table.md").read_text(encoding="utf-8"))
     assert table[("all", "intent", "curriculum", "100%")] == f"{100 * 35 / N_ROWS:.1f} (n=1)"
 
 
 def test_daggers_are_exactly_where_the_t_interval_misses_text_onlys(plain):
     out, _ = plain
-    table = _parse_markdown((out / "table.md").read_text(encoding="utf-8"))
+    table = parse_markdown((out / "table.md").read_text(encoding="utf-8"))
     base = _intent_values(("text-only", "p0"))
     expected = set()
     for (scheme, fraction) in GRID:
         values = _intent_values((scheme, fraction))
         if scheme != "text-only" and len(values) > 1:  # text-only is at p0 only: the reference of every column
             gap = abs(np.mean(values) - np.mean(base))
-            if gap > _t_half_width(values) + _t_half_width(base):
+            if gap > t_half_width(values) + t_half_width(base):
                 expected.add((scheme, COLUMN[fraction]))
     # The grid was built to hold both kinds, one of them by a hair (direct at 10%).
     assert expected == {("direct", "10%"), ("direct", "100%"), ("oracle", "0%")}
@@ -172,7 +148,7 @@ def test_daggers_are_exactly_where_the_t_interval_misses_text_onlys(plain):
 
 def test_missing_cells_and_seeds_are_skipped_with_a_warning_naming_them(plain):
     out, stderr = plain
-    table = _parse_markdown((out / "table.md").read_text(encoding="utf-8"))
+    table = parse_markdown((out / "table.md").read_text(encoding="utf-8"))
     assert table[("all", "SLU-F1", "curriculum", "10%")] == "–"
     assert "curriculum/p0.1: no runs" in stderr
     assert "curriculum/p0.02/seed2/pred.jsonl: missing" in stderr
@@ -182,7 +158,7 @@ def test_missing_cells_and_seeds_are_skipped_with_a_warning_naming_them(plain):
 
 def test_csv_and_json_hold_exactly_the_markdown_cells(by_lang):
     out, summary = by_lang
-    table = _parse_markdown((out / "table.md").read_text(encoding="utf-8"))
+    table = parse_markdown((out / "table.md").read_text(encoding="utf-8"))
     shown = {k: v for k, v in table.items() if v != "–"}
     rows = list(csv.DictReader(open(out / "table.csv", encoding="utf-8")))
     assert len(rows) == len(summary["cells"]) == len(shown) == 3 * 3 * len(GRID)  # groups x metrics x cells
@@ -200,7 +176,7 @@ def test_csv_and_json_hold_exactly_the_markdown_cells(by_lang):
 
 def test_tables_equal_the_ones_built_by_hand_from_the_files_with_score_py(grid, by_lang):
     out, _ = by_lang
-    table = _parse_markdown((out / "table.md").read_text(encoding="utf-8"))
+    table = parse_markdown((out / "table.md").read_text(encoding="utf-8"))
     gold_path = grid / "test.jsonl"
     gold = score.load_gold(gold_path, "lang")
     ids = {row["id"] for row in gold}
@@ -278,7 +254,7 @@ def test_plain_report_has_no_per_language_figure_and_leaves_no_temporary_files(p
 def test_metric_flag_writes_only_that_section(grid, tmp_path):
     assert report.main(["--grid", str(grid / "slurp"), "--gold", str(grid / "test.jsonl"), "--out", str(tmp_path),
                         "--metric", "entity_f1"]) == 0
-    table = _parse_markdown((tmp_path / "table.md").read_text(encoding="utf-8"))
+    table = parse_markdown((tmp_path / "table.md").read_text(encoding="utf-8"))
     assert {metric for (_, metric, _, _) in table} == {"entity F1"}
     # The figure shows SLU-F1 whatever the tables hold.
     assert (tmp_path / "slu_f1_vs_fraction.png").stat().st_size > 10_000
