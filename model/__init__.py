@@ -10,3 +10,8 @@ Module map (a batch goes manifest -> processor -> qwen2_audio -> loss):
   checkpoint.py  Hugging Face checkpoint directory <-> Flax parameters
   generate.py    jit-compiled greedy and beam search (transformers' generate semantics) over the KV cache
 """
+import os
+
+# transformers prints "PyTorch was not found..." on import when torch is absent. We use only its tokenizer,
+# config and file utilities and never need torch at run time, so that advice is noise on every run of ours.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

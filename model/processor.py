@@ -95,6 +95,11 @@ def _mel_filters() -> np.ndarray:
     return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, htk=False, norm="slaney").astype(np.float64)
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest positive multiple of `multiple` that is >= n (at least one multiple: a shape is never 0)."""
+    return max(multiple, -(-n // multiple) * multiple)
+
+
 def num_frames(n_samples: int) -> int:
     """Feature frames of a clip of n_samples (the reference attention mask's sum): one per started hop, max 30 s."""
     return -(-min(n_samples, CHUNK_SAMPLES) // HOP_LENGTH)
@@ -147,20 +152,33 @@ def log_mel_features(waveform: np.ndarray, out_frames: int | None = None) -> tup
     return features.astype(np.float32), n_frames
 
 
-def batch_features(waveforms: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Features of several clips padded to the longest clip's bucket: (float32 [B, N_MELS, T], n_frames int32 [B])."""
-    if len(waveforms) == 0:
-        raise ValueError("batch_features needs at least one waveform")
-    n_samples = [np.asarray(w).shape[-1] for w in waveforms]
-    T = max(bucket_frames(num_frames(n)) for n in n_samples)
-    out = [log_mel_features(w, out_frames=T) for w in waveforms]
-    return np.stack([f for f, _ in out]), np.array([n for _, n in out], dtype=np.int32)
-
-
 def num_audio_tokens(n_frames):
     """<|AUDIO|> tokens for a clip of n_frames (works on ints and integer arrays): the encoder's stride-2 conv and
     its stride-2 average pool, written as Qwen2AudioProcessor computes it."""
     return (((n_frames - 1) // 2 + 1) - 2) // 2 + 1
+
+
+MIN_AUDIO_SAMPLES = 2 * HOP_LENGTH + 1  # 16 kHz samples -> 3 mel frames, the fewest that give one audio token
+
+
+def check_audio_file(path: str | os.PathLike) -> tuple[str | None, float]:
+    """(what makes a file unusable, or None; its duration in seconds), from the file's header alone (fast).
+
+    Unusable: missing, not decodable, no samples, or too short to give one <|AUDIO|> token. Reading the header
+    of every file before training starts finds the bad ones in seconds instead of at their batch, hours in."""
+    if not os.path.isfile(path):
+        return "file not found", 0.0
+    try:
+        info = sf.info(str(path))
+    except Exception as e:  # libsndfile's message names the format problem
+        return f"cannot be decoded ({str(e).splitlines()[0] if str(e) else type(e).__name__})", 0.0
+    if info.frames <= 0 or info.samplerate <= 0:
+        return "no samples", 0.0
+    n_16k = -(-info.frames * SAMPLE_RATE // info.samplerate)  # resample()'s output length
+    if n_16k < MIN_AUDIO_SAMPLES:
+        return (f"too short ({1000 * info.duration:.0f} ms): gives no audio token; needs at least "
+                f"{1000 * MIN_AUDIO_SAMPLES / SAMPLE_RATE:.0f} ms"), info.duration
+    return None, info.duration
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import Qwen2AudioConfig
+from model.processor import num_audio_tokens
 
 Array = jax.Array
 
@@ -122,12 +123,6 @@ class AudioEncoderLayer(nn.Module):
         x = x + dense(a.d_model, ("audio_mlp", "audio_embed"), True, name="fc2")(h)
         x = nn.with_logical_constraint(x, ("batch", "audio_length", "audio_embed"))
         return x, None
-
-
-def audio_output_lengths(feature_lengths: Array) -> Array:
-    """Audio tokens for L valid mel frames: conv2 (stride 2) then avg-pool 2, as the reference computes it."""
-    after_conv = (feature_lengths - 1) // 2 + 1
-    return (after_conv - 2) // 2 + 1
 
 
 class AudioEncoder(nn.Module):
@@ -427,12 +422,6 @@ def init_cache(config: Qwen2AudioConfig, batch: int, max_len: int, dtype=jnp.flo
             "index": jnp.zeros((), jnp.int32), "pos": jnp.zeros((batch,), jnp.int32)}
 
 
-def reorder_cache(cache: dict, beam_idx: Array) -> dict:
-    """Select/reorder the batch rows of a cache (beam search)."""
-    return {k: v if CACHE_BATCH_AXIS[k] is None else jnp.take(v, beam_idx, axis=CACHE_BATCH_AXIS[k])
-            for k, v in cache.items()}
-
-
 def prefill(params, config: Qwen2AudioConfig, input_ids, attention_mask, input_features, feature_lengths, cache, *,
             dtype=jnp.float32):
     """Run the prompt (left padding is fine) through the model, filling the cache. -> (logits [B, S, V], cache).
@@ -461,7 +450,7 @@ def _check_audio_tokens(config, input_ids, input_features, feature_lengths):
         return
     if feature_lengths is None:
         raise ValueError("input_features given without feature_lengths (valid mel frames per row)")
-    expected = np.asarray(audio_output_lengths(np.asarray(feature_lengths)))
+    expected = np.asarray(num_audio_tokens(np.asarray(feature_lengths)))
     expected = np.maximum(expected, 0)
     if not np.array_equal(counts, expected):
         raise ValueError(f"<|AUDIO|> tokens per row {counts.tolist()} do not match the audio outputs per row "

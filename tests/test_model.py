@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 
+from model import processor as P
 from model import qwen2_audio as qa
 from model.config import PRESETS, AudioConfig, ConfigError, Qwen2AudioConfig, TextConfig, get_config
 from model.sharding import LOGICAL_AXIS_RULES, batch_sharding, make_mesh, param_shardings
@@ -113,7 +114,7 @@ def models():
 
 
 def n_audio_tokens(frames):
-    return int(qa.audio_output_lengths(np.asarray(frames)))
+    return int(P.num_audio_tokens(np.asarray(frames)))
 
 
 def make_prompt(rng, n_audio, n_before=5, n_after=7):
@@ -261,15 +262,6 @@ def test_cached_decoding_of_16_tokens_equals_uncached_forward_on_left_padded_bat
     assert max(diffs) <= TOL, diffs
     assert int(cache["index"]) == S + steps
     np.testing.assert_array_equal(np.asarray(cache["pos"]), mask.sum(1) + steps)
-
-
-def test_reorder_cache_moves_rows_of_every_batched_leaf():
-    cache = qa.init_cache(CONFIG, 3, 5)
-    cache = {**cache, "k": cache["k"] + jnp.arange(3.0)[None, :, None, None, None],
-             "pos": jnp.asarray([10, 11, 12], jnp.int32)}
-    out = qa.reorder_cache(cache, jnp.asarray([2, 2, 0]))
-    np.testing.assert_array_equal(np.asarray(out["k"][0, :, 0, 0, 0]), [2.0, 2.0, 0.0])
-    np.testing.assert_array_equal(np.asarray(out["pos"]), [12, 12, 10])
 
 
 # ---------------------------------------------------------------------------------------------------------------

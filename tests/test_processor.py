@@ -3,7 +3,10 @@ Qwen2 tokenizer as TikTokenConverter builds it from the real ranks, and Qwen2Aud
 audio-token expansion). Speech is real: espeak-ng renders it at its native 22.05 kHz."""
 import json
 import math
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,11 +148,12 @@ def test_bucket_keeps_the_two_frames_after_the_clip_that_the_encoder_convolution
     assert T - P.BUCKET_FRAMES < min(n_frames + 2, P.CHUNK_FRAMES)  # and no bigger than that needs
 
 
-def test_batch_features_pad_every_clip_to_the_longest_bucket_with_the_reference_padding(speech):
-    waves = [speech[:8000], speech, speech_clip(speech, 52345)]
-    feats, n_frames = P.batch_features(waves)
-    assert feats.shape == (3, 128, 400) and n_frames.dtype == np.int32
-    for wave, f, n in zip(waves, feats, n_frames):
+def test_features_padded_to_a_longer_bucket_keep_the_reference_padding(speech):
+    # a batch pads every clip to its longest clip's bucket (here 400 frames): the frames past a short clip must be
+    # the reference's padding frames, not zeros
+    for wave in [speech[:8000], speech, speech_clip(speech, 52345)]:
+        f, n = P.log_mel_features(wave, out_frames=400)
+        assert f.shape == (128, 400)
         ref, ref_frames = reference_features(wave)
         assert n == ref_frames
         np.testing.assert_allclose(f, ref[:, :400], atol=1e-4, rtol=0)
@@ -306,3 +310,17 @@ def test_expand_audio_tokens_needs_exactly_one_placeholder():
         P.expand_audio_tokens(P.build_prompt("hi", audio=False), 4)
     with pytest.raises(ValueError, match="exactly one"):
         P.expand_audio_tokens(P.expand_audio_tokens(P.build_prompt(None, audio=True), 2), 4)
+
+
+def test_importing_our_model_package_silences_transformers_pytorch_not_found_banner():
+    # Users run the stage scripts without torch; transformers would print its "PyTorch was not found" advice on
+    # every run. The subprocess hides torch from transformers, then imports transformers after (or without) ours.
+    hide_torch = ("import importlib.util, sys; f = importlib.util.find_spec; importlib.util.find_spec = "
+                  "lambda n, *a, **k: None if n.split('.')[0] == 'torch' else f(n, *a, **k); sys.path.insert(0, '.');")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}  # ours sets it
+    runs = {first: subprocess.run([sys.executable, "-c", hide_torch + first + "import transformers"], cwd=root,
+                                  env=env, capture_output=True, text=True, timeout=120)
+            for first in ("", "import model;")}
+    assert "PyTorch was not found" in runs[""].stderr  # the banner this test is about (else it checks nothing)
+    assert runs["import model;"].returncode == 0 and "PyTorch was not found" not in runs["import model;"].stderr
