@@ -32,10 +32,19 @@ Per corpus:
                   repeats the locales).
   italic          ITALIC, one configuration (massive, hard_speaker or hard_noisy) in DIR:
                   {train,validation,test}-*.parquet, {split}/*.parquet (the Hub's parquet conversion),
-                  {split}/data-*.arrow (save_to_disk) or {split}.jsonl (JSONL export as above), with
-                  columns id, utt, intent (a name, or a ClassLabel index), audio, speaker. ITALIC rows carry
-                  no slot markup, so annot_utt (and the scenario, where ITALIC has none) is joined from
-                  MASSIVE it-IT by id (--massive-dir); the summary says so.
+                  {split}/data-*.arrow (save_to_disk) or {split}.jsonl (JSONL export as above), with the
+                  documented columns utt, intent (a name, or a ClassLabel index), audio, speaker, ... and
+                  no id. ITALIC has no slot markup, so annot_utt and the scenario are joined from MASSIVE
+                  it-IT (--massive-dir): by `id` where a row has one, else by the utterance text compared
+                  after normalising case, accents, apostrophes, punctuation and spaces. Where MASSIVE has
+                  that text several times with different labels (ambiguous), the row takes the one with
+                  its own intent, then the one with its exact text, then the one in the MASSIVE partition
+                  of its split, then the first in the file; the summary counts each rule. ITALIC's intent
+                  must equal the joined row's: every disagreement is listed and stops the run. Rows not
+                  in MASSIVE stop it too (the first listed), unless --skip-unjoined drops them, counted.
+                  Speech row ids are italic-<config>-<split>-<row index>-<audio file name>, <config>
+                  being DIR's name; transcript rows are one per id, or without ids one per ITALIC row
+                  (ITALIC records each MASSIVE utterance once) with id italic-<config>-<split>-<row index>.
   demo            the small English/French corpus bundled in data/demo/ (see its README.md).
 
 Audio from parquet/arrow rows (the struct {bytes, path} that `datasets` stores for an Audio column) is
@@ -46,7 +55,8 @@ renamed to OUT only when everything has been read and checked. An existing OUT i
 holds nothing but an earlier run's output (*.jsonl and audio/<corpus>/). Bad rows are named by file and
 row index (from 0 within that parquet/arrow file, as pyarrow and `datasets` count them).
 Audio given as paths (SLURP, JSONL exports): by default each path must exist; missing files are an
-error that lists the first few and the count, unless --skip-missing-audio (those speech rows are then dropped and counted). --check-audio
+error that lists the first few and the count, unless --skip-missing-audio (those speech rows are then
+dropped and counted per split, with a warning for a split left with no recordings at all). --check-audio
 decodes every file and prints duration statistics; hours of audio are "?" without it.
 Bad input (malformed JSON, a missing field, bad annot_utt markup, an entity span outside the tokens, a
 duplicate id, an empty split, an undecodable audio file) stops the run with the file, line and field
@@ -64,6 +74,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -73,8 +84,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy.signal import resample_poly
 
-from model.manifest import (SPLITS, ManifestError, iter_jsonl, read_manifest, validate_row, write_manifest,
-                            write_split_dir)
+from model.manifest import (SPLITS, ManifestError, apply_umask, iter_jsonl, read_manifest, validate_row,
+                            write_manifest, write_split_dir)
 
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 
@@ -313,17 +324,22 @@ def class_label_names(schema, path: Path) -> dict[str, list[str]]:
             if isinstance(f, dict) and f.get("_type") == "ClassLabel" and "names" in f}
 
 
-def iter_columnar(path: Path, required: tuple[str, ...]):
+def iter_columnar(path: Path, required: tuple[str, ...], columns: tuple[str, ...] | None = None):
     """(row index in this file, from 0, as datasets indexes a shard; record) for each row of a parquet or
     arrow file, ClassLabel indices replaced by their names. Reads a few hundred rows at a time: a
-    Speech-MASSIVE shard holds ~400 MB of audio."""
+    Speech-MASSIVE shard holds ~400 MB of audio. With `columns`, records hold only those of them the
+    file has (a text-only pass that leaves the audio unread)."""
     try:
         if path.suffix == ".parquet":
             pf = pq.ParquetFile(path)
-            schema, batches = pf.schema_arrow, pf.iter_batches(batch_size=256)
+            schema = pf.schema_arrow
+            keep = None if columns is None else [c for c in columns if c in schema.names]
+            batches = pf.iter_batches(batch_size=256, columns=keep)
         else:
             reader = pa.ipc.open_stream(pa.memory_map(str(path)))  # save_to_disk writes the stream format
-            schema, batches = reader.schema, reader
+            schema = reader.schema
+            keep = None if columns is None else [c for c in columns if c in schema.names]
+            batches = reader if keep is None else (batch.select(keep) for batch in reader)
     except (pa.ArrowException, OSError) as e:
         raise ManifestError(f"{path}: cannot read it as {path.suffix[1:]}: {e}") from None
     for column in required:
@@ -368,6 +384,11 @@ class AudioStage:
         (folder / name).write_bytes(data)
         return str(folder / name)
 
+    def drop(self, path: str) -> None:
+        """Delete one clip written here (a path outside the stage, e.g. a JSONL export's file, is left alone)."""
+        if self.dir is not None and path.startswith(str(self.dir) + os.sep):
+            os.unlink(path)
+
     def discard(self) -> None:
         if self.dir is not None and self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -404,17 +425,17 @@ def audio_path(rec: dict, where: str, base: Path) -> str:
     return str(base / audio) if not os.path.isabs(audio) else audio
 
 
-def add_speech_rows(rows: Rows, split: str, recs, corpus: str, locale: str, labels_of) -> None:
-    """One transcript row per utterance id and one speech row per recording, for a speech corpus."""
+def add_speech_rows(rows: Rows, split: str, recs, corpus: str, locale: str) -> None:
+    """One transcript row per utterance id and one speech row per recording, for Speech-MASSIVE."""
     seen_utt = set()
     for where, rec, audio in recs:
-        labels = labels_of(rec, where)
+        labels = checked_labels(rec, where)
         utt_id = f"{corpus}-{locale}-{need(rec, 'id', (str, int), where)}"
         common = {"lang": lang_of(locale), **labels, "locale": locale, "corpus": corpus}
         if utt_id not in seen_utt:
             seen_utt.add(utt_id)
             rows.add(split, {"id": utt_id, "audio": None, **common}, where)
-        speaker = rec.get("speaker_id", rec.get("speaker"))  # Speech-MASSIVE: speaker_id; ITALIC: speaker
+        speaker = rec.get("speaker_id")
         rows.add(split, {"id": f"{corpus}-{locale}-{Path(audio).name}", "audio": audio, **common,
                          "utt_id": utt_id, **({"speaker": str(speaker)} if speaker is not None else {})}, where)
 
@@ -453,6 +474,8 @@ SPEECH_MASSIVE_COLUMNS = ("id", "utt", "annot_utt", "audio")
 
 
 def load_speech_massive(root: Path, locales: list[str] | None, few_shot: bool, stage: AudioStage) -> Rows:
+    if not root.is_dir():
+        raise ManifestError(f"{root}: --speech-massive-dir is not a folder (expected Speech-MASSIVE's <locale>/ folders)")
     # "all" on the Hub is the union of the locale folders: reading it too would duplicate every row.
     locales = locales or sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "all")
     if not locales:
@@ -469,57 +492,183 @@ def load_speech_massive(root: Path, locales: list[str] | None, few_shot: bool, s
                                 f"{locale}/test-*.parquet in this folder"}.get(name, "")
                 raise ManifestError(f"{folder}: Speech-MASSIVE {locale} split '{name}' not found (looked for "
                                     f"{name}.jsonl, {name}-*.parquet, {name}/*.parquet, {name}/data-*.arrow{hint})")
-            add_speech_rows(rows, split, recs, "speech-massive", locale, checked_labels)
+            add_speech_rows(rows, split, recs, "speech-massive", locale)
     if few_shot:
         rows.notes.append("train = Speech-MASSIVE train_115 (few-shot split)")
     return rows
 
 
-ITALIC_COLUMNS = ("id", "utt", "intent", "audio")
+# ITALIC is MASSIVE it-IT read aloud: one recording per MASSIVE utterance (16,521 = 11,514 + 2,033 +
+# 2,974), with the intent but without the slot markup, and, as distributed, without an id. The markup
+# (and the scenario) is therefore joined from MASSIVE it-IT: by id where an export carries one, else by
+# the utterance text. The join reads the text columns only, so every problem is reported at once before
+# any audio is copied.
+
+ITALIC_COLUMNS = ("utt", "intent", "audio")  # `id` is optional: the dataset as documented has none
+ITALIC_TEXT_COLUMNS = ("id", "utt", "intent")
+ITALIC_SPLITS = {"train": "train", "devel": "validation", "test": "test"}
+SHOWN = 10  # problem rows listed in an error, and ambiguous rows in the summary notes
 
 
-def load_italic(root: Path, massive_dir: Path | None, stage: AudioStage) -> Rows:
-    massive = {}
-    if massive_dir is not None:
-        for path in massive_files(massive_dir, ["it-IT"]):
-            for lineno, rec in iter_jsonl(path):
-                massive[str(need(rec, "id", (str, int), f"{path}:{lineno}"))] = (rec, f"{path}:{lineno}")
-    joined = Counter()
+def join_key(text: str) -> str:
+    """The utterance as the text join compares it: case-folded, accents removed, and only letters and
+    digits kept. So capitals ("È" / "è"), decomposed accents, accents typed as an apostrophe ("perche'"),
+    typographic apostrophes, elisions written with or without a space ("dell'" / "dell' "), punctuation
+    and repeated spaces, all of which MASSIVE's and ITALIC's `utt` may differ in, do not break a join."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(c for c in decomposed if c.isalnum())
 
-    def labels_of(rec, where):
-        if "annot_utt" in rec:
-            return checked_labels(rec, where)
-        if massive_dir is None:
-            raise ManifestError(f"{where}: field 'annot_utt': missing; ITALIC has no slot markup, pass "
-                                "--massive-dir to join it from MASSIVE it-IT by id")
-        rid = str(need(rec, "id", (str, int), where))
-        if rid not in massive:
-            raise ManifestError(f"{where}: field 'id': {rid!r} not found in MASSIVE it-IT ({massive_dir})")
-        mrec, mwhere = massive[rid]
-        # Labels from MASSIVE (its markup checked against its own utt); the text stays ITALIC's. ITALIC
-        # names the intent only; the scenario, where it has none, is MASSIVE's.
-        mlabels = checked_labels(mrec, mwhere)
-        if rec.get("scenario") is None:
-            rec = {**rec, "scenario": mlabels["scenario"]}
-        labels = massive_labels(rec, where, annot=mrec["annot_utt"])
-        labels.pop("_annot_text")
-        if (labels["scenario"], labels["action"]) != (mlabels["scenario"], mlabels["action"]):
-            raise ManifestError(f"{where}: field 'intent': {labels['scenario']}_{labels['action']} differs from "
-                                f"MASSIVE's {mlabels['scenario']}_{mlabels['action']} at {mwhere}")
-        joined["rows"] += 1
-        joined["text differs"] += labels["text"] != mlabels["text"]
-        return labels
 
-    rows = Rows()
-    for split, name in {"train": "train", "devel": "validation", "test": "test"}.items():
+class MassiveItalian:
+    """MASSIVE it-IT's rows (labels checked against their own utt), found by id or by join_key."""
+
+    def __init__(self, massive_dir: Path):
+        self.path, = massive_files(massive_dir, ["it-IT"])
+        self.by_id, self.by_key = {}, {}
+        for lineno, rec in iter_jsonl(self.path):
+            where = f"{self.path}:{lineno}"
+            mid = str(need(rec, "id", (str, int), where))
+            m = {"id": mid, "where": where, "line": lineno,
+                 "partition": MASSIVE_PARTITIONS.get(rec.get("partition")), **checked_labels(rec, where)}
+            m["intent"] = f"{m['scenario']}_{m['action']}"
+            self.by_id[mid] = m
+            self.by_key.setdefault(join_key(m["text"]), []).append(m)
+
+
+def label_set(m: dict) -> tuple:
+    return m["scenario"], m["action"], tuple((e["type"], e["filler"]) for e in m["entities"])
+
+
+def pick_massive(cands: list[dict], utt: str, intent: str, split: str) -> tuple[dict, str | None]:
+    """The MASSIVE row an ITALIC row takes among those with its text and, where they carry different
+    labels (ambiguous), the rule that decided; None where all carry the same labels. The rules, each
+    applied only if some candidate passes it: the ITALIC intent (a row of another intent cannot be
+    this recording's), the exact text over a normalised match, the MASSIVE partition of the ITALIC
+    split (the `massive` config keeps MASSIVE's split); what is left after all three is decided by
+    the order of MASSIVE's file."""
+    first = lambda pool: min(pool, key=lambda m: m["line"])
+    if len({label_set(m) for m in cands}) == 1:
+        return first(cands), None
+    pool = cands
+    for rule, keep in (("intent", lambda m: m["intent"] == intent), ("exact text", lambda m: m["text"] == utt),
+                       ("MASSIVE partition", lambda m: m["partition"] == split)):
+        pool = [m for m in pool if keep(m)] or pool
+        if len({label_set(m) for m in pool}) == 1:
+            return first(pool), rule
+    return first(pool), "order in MASSIVE's file"
+
+
+class ItalicJoin:
+    """Joins ITALIC rows to MASSIVE it-IT and keeps the report: exact, normalised, ambiguous, unjoined,
+    intent disagreements."""
+
+    def __init__(self, massive: MassiveItalian):
+        self.massive = massive
+        self.count = Counter()  # by id / by text, exact / normalised
+        self.rules = Counter()  # ambiguous rows, by the rule that decided
+        self.ambiguous, self.unjoined, self.disagree = [], [], []
+
+    def __call__(self, rec: dict, where: str, split: str) -> dict | None:
+        """The joined MASSIVE row (None if there is none; the row is then listed as unjoined)."""
+        utt, intent = need(rec, "utt", str, where), need(rec, "intent", str, where)
+        rid = rec.get("id")
+        if rid is not None:
+            m = self.massive.by_id.get(str(rid))
+            if m is None or join_key(m["text"]) != join_key(utt):
+                why = (f"id {rid!r} is not in MASSIVE it-IT" if m is None else
+                       f"MASSIVE's id {rid!r} ({m['where']}) is {m['text']!r}, another text")
+                self.unjoined.append(f"{where}: {utt!r}: {why}")
+                return None
+            reason = None
+        else:
+            cands = self.massive.by_key.get(join_key(utt))
+            if not cands:
+                self.unjoined.append(f"{where}: {utt!r}: no MASSIVE it-IT utterance has this text")
+                return None
+            m, reason = pick_massive(cands, utt, intent, split)
+            if reason is not None:
+                others = ", ".join(c["id"] for c in cands if c is not m)
+                self.ambiguous.append(f"{where}: {utt!r}: took MASSIVE id {m['id']} over id(s) {others} "
+                                      f"(different labels), by {reason}")
+                self.rules[f"by {reason}"] += 1
+        if m["intent"] != intent:
+            self.disagree.append(f"{where}: field 'intent': {intent} differs from MASSIVE's {m['intent']} at {m['where']}")
+            return None
+        self.count["by id" if rid is not None else "by text"] += 1
+        self.count["exact" if m["text"] == utt else "normalised"] += 1
+        return m
+
+    def check(self, skip_unjoined: bool) -> None:
+        """Raise with every intent disagreement and (unless skipped) every unjoined row listed."""
+        problems = []
+        if self.disagree:
+            problems.append(f"{len(self.disagree)} ITALIC row(s) whose intent differs from the joined MASSIVE "
+                            f"it-IT row's (never overwritten):\n  " + "\n  ".join(self.disagree[:SHOWN]))
+        if self.unjoined and not skip_unjoined:
+            problems.append(f"{len(self.unjoined)} ITALIC row(s) not found in MASSIVE it-IT ({self.massive.path}), "
+                            "e.g.:\n  " + "\n  ".join(self.unjoined[:SHOWN]) +
+                            "\n(pass --skip-unjoined to drop them, counted)")
+        if problems:
+            raise ManifestError("\n".join(problems))
+
+    def notes(self) -> list[str]:
+        c = self.count
+        how = " and ".join(f"{c[k]} {k}" for k in ("by id", "by text") if c[k])
+        rules = ", ".join(f"{n} {rule}" for rule, n in sorted(self.rules.items()))
+        out = [f"ITALIC has no slot markup: {c['by id'] + c['by text']} rows joined to MASSIVE it-IT ({how}): "
+               f"{c['exact']} exact, {c['normalised']} after normalising case, accents, apostrophes, punctuation "
+               f"and spaces; {self.rules.total()} ambiguous{f' ({rules})' if rules else ''}; "
+               f"{len(self.unjoined)} unjoined" + (" (dropped by --skip-unjoined)" if self.unjoined else "")]
+        out += [f"ambiguous: {a}" for a in self.ambiguous[:SHOWN]]
+        out += [f"unjoined: {u}" for u in self.unjoined[:SHOWN]]
+        return out
+
+
+def italic_texts(root: Path, name: str) -> list[tuple[str, dict]]:
+    """(where, record without its audio) for each row of ITALIC split `name`, `where` as the second,
+    audio-reading pass (split_records) names the row."""
+    if (root / f"{name}.jsonl").is_file():
+        path = root / f"{name}.jsonl"
+        return [(f"{path}:{lineno}", rec) for lineno, rec in iter_jsonl(path)]
+    files = columnar_files(root, name)
+    if not files:
+        raise ManifestError(f"{root}: ITALIC split '{name}' not found (looked for {name}.jsonl, "
+                            f"{name}-*.parquet, {name}/*.parquet, {name}/data-*.arrow)")
+    return [(f"{path}: row {k}", rec) for path in files
+            for k, rec in iter_columnar(path, ITALIC_COLUMNS, ITALIC_TEXT_COLUMNS)]
+
+
+def load_italic(root: Path, massive_dir: Path, stage: AudioStage, skip_unjoined: bool) -> Rows:
+    """Row ids: a speech row is italic-<config>-<ITALIC split>-<row index in the split>-<audio file name>
+    (config: the --italic-dir folder's name), stable across runs and unique across configs. A transcript
+    row is one per utterance: italic-it-IT-<id> where ITALIC carries an id, else one per ITALIC row (each
+    MASSIVE utterance is recorded once), italic-<config>-<split>-<index>."""
+    if not root.is_dir():
+        raise ManifestError(f"{root}: --italic-dir is not a folder")
+    join = ItalicJoin(MassiveItalian(massive_dir))
+    joined = {split: [join(rec, where, split) for where, rec in italic_texts(root, name)]
+              for split, name in ITALIC_SPLITS.items()}
+    join.check(skip_unjoined)
+    rows, config = Rows(), root.name
+    for split, name in ITALIC_SPLITS.items():
         recs = split_records(rows, split, root, name, ITALIC_COLUMNS, "italic", "it-IT", stage)
-        if recs is None:
-            raise ManifestError(f"{root}: ITALIC split '{name}' not found (looked for {name}.jsonl, "
-                                f"{name}-*.parquet, {name}/*.parquet, {name}/data-*.arrow)")
-        add_speech_rows(rows, split, recs, "italic", "it-IT", labels_of)
-    if joined:
-        rows.notes.append(f"ITALIC rows without slot markup: {joined['rows']} got annot_utt from MASSIVE it-IT by id"
-                          f" ({joined['text differs']} of them with a text that differs from MASSIVE's utt)")
+        seen_utt = set()
+        for k, ((where, rec, audio), m) in enumerate(zip(recs, joined[split], strict=True)):
+            if m is None:  # unjoined and skipped: its staged clip goes too
+                stage.drop(audio)
+                continue
+            row_id = f"italic-{config}-{name}-{k}"
+            utt_id = f"italic-it-IT-{rec['id']}" if rec.get("id") is not None else row_id
+            # Labels from MASSIVE; the text stays ITALIC's (what was read aloud).
+            common = {"lang": "it", "text": rec["utt"], "scenario": m["scenario"], "action": m["action"],
+                      "entities": m["entities"], "locale": "it-IT", "corpus": "italic", "massive_id": m["id"]}
+            if utt_id not in seen_utt:
+                seen_utt.add(utt_id)
+                rows.add(split, {"id": utt_id, "audio": None, **common}, where)
+            speaker = rec.get("speaker")
+            rows.add(split, {"id": f"{row_id}-{Path(audio).name}", "audio": audio, **common, "utt_id": utt_id,
+                             **({"speaker": str(speaker)} if speaker is not None else {})}, where)
+    rows.notes += join.notes()
     return rows
 
 
@@ -618,6 +767,24 @@ def regenerate_demo(demo_dir: Path, templates_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Audio checks and the summary
 
+def drop_missing_audio(rows: Rows, gone: set[str]) -> None:
+    """--skip-missing-audio: drop the speech rows in `gone`, counted per split. A split left with no
+    recordings at all cannot be evaluated on speech: that is warned about on stderr, not only noted."""
+    dropped = []
+    for split, split_rows in rows.splits.items():
+        speech = sum(r["audio"] is not None for r in split_rows)
+        rows.splits[split] = [r for r in split_rows if r["id"] not in gone]
+        n = len(split_rows) - len(rows.splits[split])
+        if n:
+            dropped.append(f"{split} {n} of {speech}")
+        if n and n == speech:
+            print(f"prepare.py: warning: split '{split}' has no recordings left: --skip-missing-audio dropped "
+                  f"all {speech} of its speech rows (their audio files are missing); only its "
+                  f"{len(rows.splits[split])} transcript rows remain", file=sys.stderr)
+    rows.notes.append(f"--skip-missing-audio: dropped {len(gone)} speech rows whose audio is missing "
+                      f"({', '.join(dropped)})")
+
+
 def check_audio(rows: Rows, decode: bool, skip_missing: bool) -> dict[str, float]:
     """Existence (or, with decode, full decoding) of every audio file. Returns row id -> seconds."""
     missing = [(r["id"], r["audio"]) for split in rows.splits.values() for r in split
@@ -627,10 +794,7 @@ def check_audio(rows: Rows, decode: bool, skip_missing: bool) -> dict[str, float
         raise ManifestError(f"{len(missing)} audio file(s) not found, e.g.:\n  {shown}\n"
                             "(pass --skip-missing-audio to drop those speech rows instead)")
     if missing:
-        gone = {rid for rid, _ in missing}
-        for split in rows.splits:
-            rows.splits[split] = [r for r in rows.splits[split] if r["id"] not in gone]
-        rows.notes.append(f"--skip-missing-audio: dropped {len(gone)} speech rows whose audio is missing")
+        drop_missing_audio(rows, {rid for rid, _ in missing})
     durations = {}
     if decode:
         for split in rows.splits.values():
@@ -690,6 +854,7 @@ def install_stage(stage: AudioStage, out: Path, splits: dict[str, list[dict]]) -
                 if r["audio"] is not None and r["audio"].startswith(prefix) else r for r in rows]
         write_manifest(stage.dir / f"{split}.jsonl", rows)
     check_replaceable(out)
+    apply_umask(stage.dir)  # mkdtemp's 0700 would survive the rename: --out is a folder like any other
     if out.exists():
         # Old aside, new in, old removed: a crash in between leaves one complete folder.
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
@@ -754,7 +919,9 @@ def main(argv=None) -> int:
     common(p)
     p.add_argument("--italic-dir", type=Path, required=True, help="one configuration's folder: {train,validation,test}-*.parquet, <split>/*.parquet, "
                    "<split>/data-*.arrow or <split>.jsonl")
-    p.add_argument("--massive-dir", type=Path, help="MASSIVE 1.1 release, for it-IT slot markup")
+    p.add_argument("--massive-dir", type=Path, required=True, help="MASSIVE 1.1 release, for it-IT slot markup")
+    p.add_argument("--skip-unjoined", action="store_true",
+                   help="drop ITALIC rows whose utterance is not in MASSIVE it-IT (counted) instead of failing")
     p = sub.add_parser("demo", help="the bundled English/French demo corpus")
     common(p, out_required=False)  # no --out: validate the corpus and print its summary
     p.add_argument("--regenerate", action="store_true", help="rebuild the corpus from its templates with espeak-ng")
@@ -773,7 +940,7 @@ def main(argv=None) -> int:
             rows = load_speech_massive(args.speech_massive_dir.resolve(), args.locales, args.few_shot, stage)
         elif args.corpus == "italic":
             check_replaceable(args.out)
-            rows = load_italic(args.italic_dir.resolve(), args.massive_dir, stage)
+            rows = load_italic(args.italic_dir.resolve(), args.massive_dir, stage, args.skip_unjoined)
         else:
             if args.regenerate:  # without --out: rebuild (or just check) the corpus, write nothing else
                 regenerate_demo(args.demo_dir, args.templates or args.demo_dir / "templates.json")

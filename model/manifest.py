@@ -42,11 +42,16 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for every non-blank line of a JSONL file (line numbers from 1)."""
     path = Path(path)
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")  # decoded line by line, so a bad byte is reported with its line
     except OSError as e:
         raise ManifestError(f"{path}: cannot open: {e.strerror}") from None
     with f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ManifestError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at byte "
+                                    f"{e.start + 1} of the line); manifests are UTF-8 text") from None
             if not line.strip():
                 continue
             try:
@@ -125,6 +130,29 @@ def _check_rows(rows: Iterable[dict], name: str) -> list[dict]:
     return rows
 
 
+def _current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status).
+    The fallback sets and restores it, which other threads could observe for that instant."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give `path` the permissions a plain open() / mkdir() would have: 0o666 (file) or 0o777 (folder)
+    less the umask. mkstemp / mkdtemp create 0600 / 0700, and those survive the rename onto the final
+    name, so everything written through a temp name calls this before its rename."""
+    mode = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, mode & ~_current_umask())
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp)` to fill a temp file in `path`'s folder, then rename it onto `path`.
 
@@ -138,7 +166,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are meant to be read by others
+        apply_umask(tmp)  # mkstemp makes it private; outputs are meant to be read like any other file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -191,6 +219,7 @@ def write_split_dir(out_dir: str | os.PathLike, splits: dict[str, list[dict]]) -
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
+        apply_umask(tmp)  # mkdtemp's 0700 would survive the rename
         for split, rows in checked.items():
             (tmp / f"{split}.jsonl").write_text(jsonl_text(rows), encoding="utf-8")
         if out_dir.exists():

@@ -6,7 +6,8 @@ import stat
 
 import pytest
 
-from model.manifest import ManifestError, atomic_write, atomic_write_text, read_manifest, write_manifest, write_split_dir
+from model.manifest import (ManifestError, apply_umask, atomic_write, atomic_write_text, read_manifest, write_manifest,
+                            write_split_dir)
 
 
 def row(i, audio=None, **kw):
@@ -153,3 +154,48 @@ def test_atomic_write_output_is_readable_by_others_unlike_a_bare_mkstemp_file(tm
     atomic_write_text(path, "| a |\r\n")
     assert path.read_bytes() == b"| a |\r\n"  # written as given: no newline translation
     assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test and restore it after (pytest runs tests in one thread)."""
+    old = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("mask, file_mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)],
+                         ids=["umask-022", "umask-002", "umask-077"])
+def test_atomic_write_gives_the_mode_the_umask_gives_a_plain_open(tmp_path, umask, mask, file_mode):
+    umask(mask)
+    atomic_write_text(tmp_path / "m.jsonl", "x\n")
+    assert mode(tmp_path / "m.jsonl") == file_mode
+
+
+def test_apply_umask_opens_a_mkdtemp_folder_like_mkdir_would(tmp_path, umask):
+    import tempfile
+    umask(0o027)
+    tmp = tempfile.mkdtemp(dir=tmp_path)
+    assert mode(tmp) == 0o700
+    apply_umask(tmp)
+    assert mode(tmp) == 0o750
+
+
+def test_split_dir_folder_and_files_follow_the_umask_not_mkdtemp_privacy(tmp_path, umask):
+    umask(0o022)
+    write_split_dir(tmp_path / "out", {"train": [row(1)]})
+    assert mode(tmp_path / "out") == 0o755
+    assert mode(tmp_path / "out" / "train.jsonl") == 0o644
+
+
+def test_non_utf8_line_is_a_manifest_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    good = json.dumps(row(1), ensure_ascii=False).encode()
+    bad = json.dumps(row(2, text="perch\u00e9")).encode().replace(b"\\u00e9", b"\xe9")  # Latin-1 e-acute
+    path.write_bytes(good + b"\n" + bad + b"\n")
+    with pytest.raises(ManifestError, match=r"m\.jsonl:2: not valid UTF-8 \(byte 0xe9"):
+        read_manifest(path)

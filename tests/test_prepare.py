@@ -383,25 +383,38 @@ def test_speech_massive_file_that_is_not_parquet_is_named(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def italic_rec(mid, utt, speaker):
-    return {"id": mid, "scenario": "alarm", "intent": "alarm_set", "utt": utt, "speaker_id": speaker}
+def test_speech_massive_missing_folder_is_a_message_and_exit_2_not_a_traceback(tmp_path, capsys):
+    code, _, err = run(["speech-massive", "--speech-massive-dir", tmp_path / "nowhere", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and f"{tmp_path / 'nowhere'}: --speech-massive-dir is not a folder" in err
 
 
-def test_italic_rows_get_slots_joined_from_massive_it_by_id(tmp_path, capsys):
-    mroot = massive_dir(tmp_path, {"it-IT": [("train", "alarm", "alarm_set", "svegliami alle [time : sette]"),
-                                             ("dev", "alarm", "alarm_set", "sveglia [date : domani]"),
-                                             ("test", "alarm", "alarm_set", "svegliami alle [time : otto] di sera")]})
-    root = tmp_path / "italic"
-    export_split(root / "train.jsonl", [italic_rec("0", "svegliami alle sette", "a")])
-    export_split(root / "validation.jsonl", [italic_rec("1", "sveglia domani", "b")])
-    export_split(root / "test.jsonl", [italic_rec("2", "svegliami alle otto di sera", "c")])
-    code, out, err = run(["italic", "--italic-dir", root, "--massive-dir", mroot, "--out", tmp_path / "o"], capsys)
+@pytest.mark.parametrize("argv, message", [
+    (["massive", "--massive-dir", "{d}", "--locales", "it-IT"], "it-IT.jsonl: not found"),
+    (["massive", "--massive-dir", "{d}"], "no <locale>.jsonl files"),
+    (["italic", "--italic-dir", "{d}", "--massive-dir", "{d}"], "--italic-dir is not a folder"),
+    (["slurp", "--annotations", "{d}", "--audio-dir", "{d}"], "train.jsonl: not found"),
+    (["demo", "--demo-dir", "{d}"], "train.jsonl: cannot open"),
+])
+def test_every_corpus_given_a_missing_folder_exits_2_with_a_message(tmp_path, capsys, argv, message):
+    missing = str(tmp_path / "nowhere")
+    code, _, err = run([a.replace("{d}", missing) for a in argv] + ["--out", tmp_path / "o"], capsys)
+    assert code == 2 and err.startswith("prepare.py: error: ") and message in err
+
+
+def test_skip_missing_audio_that_leaves_a_split_without_recordings_warns_with_counts(tmp_path, capsys):
+    root = tmp_path / "sm"
+    a, b = "réveille-moi à [time : sept heures]", "mets une alarme [date : demain]"
+    export_split(root / "fr-FR" / "train_115.jsonl", [smassive_rec("1", a, "s1"), smassive_rec("2", b, "s2")])
+    export_split(root / "fr-FR" / "validation.jsonl", [smassive_rec("3", b, "s3")])
+    export_split(root / "fr-FR" / "test.jsonl", [smassive_rec("4", b, "s4"), smassive_rec("5", a, "s5")])
+    for clip in ("test-0.wav", "test-1.wav", "train_115-1.wav"):
+        (root / "fr-FR" / "audio" / clip).unlink()
+    code, out, err = run(["speech-massive", "--speech-massive-dir", root, "--few-shot", "--skip-missing-audio",
+                          "--out", tmp_path / "o"], capsys)
     assert code == 0, err
-    test = read_manifest(tmp_path / "o" / "test.jsonl")
-    assert [r["entities"] for r in test] == [[{"type": "time", "filler": "otto"}]] * 2
-    assert test[0]["lang"] == "it" and "3 got annot_utt from MASSIVE it-IT" in out
-    code, _, err = run(["italic", "--italic-dir", root, "--out", tmp_path / "o2"], capsys)
-    assert code == 2 and "train.jsonl:1: field 'annot_utt': missing" in err and "--massive-dir" in err
+    assert "warning: split 'test' has no recordings left" in err and "all 2 of its speech rows" in err
+    assert "only its 2 transcript rows remain" in err and "split 'train'" not in err
+    assert "dropped 3 speech rows whose audio is missing (train 1 of 2, test 2 of 2)" in out
 
 
 # ---------------------------------------------------------------------------------------------- demo
@@ -468,13 +481,3 @@ def test_help_lists_every_corpus():
     out = subprocess.run([sys.executable, "prepare.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True)
     for corpus in ("slurp", "massive", "speech-massive", "italic", "demo"):
         assert corpus in out.stdout
-
-
-def test_italic_intent_that_disagrees_with_massive_is_an_error(tmp_path, capsys):
-    mroot = massive_dir(tmp_path, {"it-IT": [("train", "alarm", "alarm_set", "svegliami alle [time : sette]")]})
-    root = tmp_path / "italic"
-    export_split(root / "train.jsonl", [{**italic_rec("0", "svegliami alle sette", "a"), "intent": "alarm_remove"}])
-    export_split(root / "validation.jsonl", [italic_rec("0", "svegliami alle sette", "b")])
-    export_split(root / "test.jsonl", [italic_rec("0", "svegliami alle sette", "c")])
-    code, _, err = run(["italic", "--italic-dir", root, "--massive-dir", mroot, "--out", tmp_path / "o"], capsys)
-    assert code == 2 and "train.jsonl:1: field 'intent': alarm_remove differs from MASSIVE's alarm_set" in err

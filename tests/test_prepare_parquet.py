@@ -5,6 +5,7 @@ names in the b"huggingface" schema metadata), with real FLAC/WAV bytes from soun
 import io
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -288,24 +289,28 @@ def test_class_label_indices_become_their_names_from_the_schema_metadata(tmp_pat
 # ---------------------------------------------------------------------------------------------- ITALIC
 
 ITALIC_INTENTS = ["alarm_query", "alarm_set", "weather_query"]
-ITALIC_SCHEMA = [("id", pa.string()), ("age", pa.int64()), ("gender", pa.string()), ("region", pa.string()),
+# The columns of ITALIC's card, in its order: no id.
+ITALIC_SCHEMA = [("utt", pa.string()), ("audio", AUDIO), ("intent", pa.int64()), ("speaker", pa.string()),
+                 ("age", pa.int64()), ("is_native", pa.bool_()), ("gender", pa.string()), ("region", pa.string()),
                  ("nationality", pa.string()), ("lisp", pa.string()), ("education", pa.string()),
-                 ("speaker", pa.string()), ("environment", pa.string()), ("device", pa.string()),
-                 ("utt", pa.string()), ("intent", pa.int64()), ("audio", AUDIO)]
+                 ("environment", pa.string()), ("device", pa.string())]
 ITALIC_FEATURES = {**{n: {"dtype": "string", "_type": "Value"} for n, t in ITALIC_SCHEMA if t == pa.string()},
-                   "age": {"dtype": "int64", "_type": "Value"},
+                   "age": {"dtype": "int64", "_type": "Value"}, "is_native": {"dtype": "bool", "_type": "Value"},
                    "intent": {"names": ITALIC_INTENTS, "_type": "ClassLabel"},
                    "audio": {"sampling_rate": 16000, "_type": "Audio"}}
 
 
-def italic_row(mid, utt, intent, speaker, clip):
-    data, _ = encoded(0.2, 300 + 10 * int(mid), "WAV")
-    return {"id": mid, "age": 30, "gender": "female", "region": "Piemonte", "nationality": "italiana", "lisp": "",
-            "education": "laurea", "speaker": speaker, "environment": "silenzioso", "device": "smartphone",
-            "utt": utt, "intent": ITALIC_INTENTS.index(intent), "audio": {"bytes": data, "path": clip}}
+def italic_row(utt, intent, speaker, clip, freq):
+    data, _ = encoded(0.2, freq, "WAV")
+    return {"utt": utt, "audio": {"bytes": data, "path": clip}, "intent": ITALIC_INTENTS.index(intent),
+            "speaker": speaker, "age": 30, "is_native": True, "gender": "female", "region": "Piemonte",
+            "nationality": "italiana", "lisp": "", "education": "laurea", "environment": "silenzioso",
+            "device": "smartphone"}
 
 
-def test_italic_hub_parquet_layout_with_class_label_intent_gets_slots_from_massive(tmp_path, capsys):
+def italic_hub(tmp_path, extra_test_rows=()):
+    """MASSIVE it-IT and an ITALIC `massive` config as the Hub's parquet conversion lays it out
+    (<config>/<split>/0000.parquet); utterance 1 is read by two speakers, spelt two ways."""
     data = tmp_path / "massive" / "data"
     data.mkdir(parents=True)
     massive = [("0", "train", "alarm", "alarm_set", "svegliami alle [time : sette]"),
@@ -315,23 +320,66 @@ def test_italic_hub_parquet_layout_with_class_label_intent_gets_slots_from_massi
         for mid, part, scenario, intent, annot in massive:
             f.write(json.dumps({"id": mid, "locale": "it-IT", "partition": part, "scenario": scenario, "intent": intent,
                                 "utt": prepare.annot_text(prepare.parse_annot(annot)), "annot_utt": annot}) + "\n")
-    cfg = tmp_path / "ITALIC" / "massive"  # the Hub's parquet conversion: <config>/<split>/0000.parquet
-    splits = {"train": [italic_row("0", "svegliami alle sette", "alarm_set", "spk1", "a/0_spk1.wav")],
-              "validation": [italic_row("1", "che tempo fa a roma", "weather_query", "spk2", "1_spk2.wav"),
-                             italic_row("1", "che tempo fa a Roma", "weather_query", "spk3", "1_spk3.wav")],
-              "test": [italic_row("2", "quali sveglie ho domani", "alarm_query", "spk4", "2_spk4.wav")]}
+    cfg = tmp_path / "ITALIC" / "massive"
+    splits = {"train": [italic_row("svegliami alle sette", "alarm_set", "spk1", "a/0_spk1.wav", 300)],
+              "validation": [italic_row("che tempo fa a roma", "weather_query", "spk2", "1_spk2.wav", 310),
+                             italic_row("Che tempo fa a Roma?", "weather_query", "spk3", "1_spk3.wav", 320)],
+              "test": [italic_row("quali sveglie ho domani", "alarm_query", "spk4", "2_spk4.wav", 330),
+                       *extra_test_rows]}
     for split, rows in splits.items():
         write_table(cfg / split / "0000.parquet", rows, ITALIC_SCHEMA, ITALIC_FEATURES)
-    code, out, err = run(["italic", "--italic-dir", cfg, "--massive-dir", tmp_path / "massive", "--out", tmp_path / "o"],
-                         capsys)
+    return cfg, tmp_path / "massive", splits
+
+
+def test_italic_hub_parquet_without_id_and_class_label_intent_gets_slots_from_massive(tmp_path, capsys):
+    cfg, massive, splits = italic_hub(tmp_path)
+    code, out, err = run(["italic", "--italic-dir", cfg, "--massive-dir", massive, "--out", tmp_path / "o"], capsys)
     assert code == 0, err
     devel = read_manifest(tmp_path / "o" / "devel.jsonl", check_audio_exists=True)
-    assert [r["id"] for r in devel] == ["italic-it-IT-1", "italic-it-IT-1_spk2.wav", "italic-it-IT-1_spk3.wav"]
+    assert [r["id"] for r in devel] == ["italic-massive-validation-0", "italic-massive-validation-0-1_spk2.wav",
+                                        "italic-massive-validation-1", "italic-massive-validation-1-1_spk3.wav"]
     assert {(r["scenario"], r["action"], r["lang"], r["locale"]) for r in devel} == {("weather", "query", "it", "it-IT")}
-    assert [r["entities"] for r in devel] == [[{"type": "place_name", "filler": "roma"}]] * 3
-    assert [r.get("speaker") for r in devel] == [None, "spk2", "spk3"]
-    for r, src in zip(devel[1:], splits["validation"]):
+    assert [r["entities"] for r in devel] == [[{"type": "place_name", "filler": "roma"}]] * 4
+    assert [r.get("speaker") for r in devel] == [None, "spk2", None, "spk3"]
+    for r, src in zip(devel[1::2], splits["validation"]):
         assert Path(r["audio"]).read_bytes() == src["audio"]["bytes"]
     train = read_manifest(tmp_path / "o" / "train.jsonl")
     assert train[1]["audio"] == str(tmp_path / "o" / "audio" / "italic" / "it-IT" / "0_spk1.wav")
-    assert "4 got annot_utt from MASSIVE it-IT" in out and "1 of them with a text that differs" in out
+    assert "4 rows joined to MASSIVE it-IT (4 by text): 3 exact, 1 after normalising" in out
+
+
+def test_italic_unjoined_row_skipped_leaves_no_clip_in_the_output(tmp_path, capsys):
+    cfg, massive, _ = italic_hub(tmp_path, [italic_row("che ore sono", "alarm_query", "spk5", "9_spk5.wav", 340)])
+    code, _, err = run(["italic", "--italic-dir", cfg, "--massive-dir", massive, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and f"{cfg / 'test' / '0000.parquet'}: row 1: 'che ore sono': no MASSIVE it-IT utterance" in err
+    assert_no_output(tmp_path)
+    code, out, err = run(["italic", "--italic-dir", cfg, "--massive-dir", massive, "--out", tmp_path / "o",
+                          "--skip-unjoined"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "o" / "audio" / "italic" / "it-IT").iterdir()) == \
+        ["0_spk1.wav", "1_spk2.wav", "1_spk3.wav", "2_spk4.wav"]
+
+
+def test_italic_join_reads_no_audio_before_reporting_an_error(tmp_path, capsys, monkeypatch):
+    """The join is checked on the text columns first: a bad row stops the run before any clip is staged."""
+    cfg, massive, _ = italic_hub(tmp_path, [italic_row("che ore sono", "alarm_query", "spk5", "9_spk5.wav", 340)])
+    staged = []
+    monkeypatch.setattr(prepare.AudioStage, "write", lambda self, *a: staged.append(a))
+    code, _, err = run(["italic", "--italic-dir", cfg, "--massive-dir", massive, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "1 ITALIC row(s) not found" in err and staged == []
+
+
+# ------------------------------------------------------------------------------------------ permissions
+
+def test_prepared_folder_and_its_files_get_the_umask_modes_not_mkdtemp_privacy(tmp_path, capsys):
+    speech_massive(tmp_path / "sm")
+    old = os.umask(0o022)
+    try:
+        code, _, err = run(["speech-massive", "--speech-massive-dir", tmp_path / "sm", "--few-shot",
+                            "--out", tmp_path / "o"], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)
+    assert mode(tmp_path / "o") == 0o755 and mode(tmp_path / "o" / "audio" / "speech-massive" / "fr-FR") == 0o755
+    assert {mode(p) for p in (tmp_path / "o").rglob("*") if p.is_file()} == {0o644}
