@@ -3,6 +3,7 @@
     python report.py --grid GRID/slurp --gold test.jsonl --out reports/slurp
     python report.py --grid GRID/xl-de-fr --gold test.jsonl --out reports/xl --by lang
     python report.py --grid GRID/slurp --gold test.jsonl --out reports/slurp --metric slu_f1
+    python report.py --grid GRID/slurp --gold test.jsonl --out reports/slurp --dagger-against text-only
 
 The grid holds one infer.py output per run:
 
@@ -11,14 +12,19 @@ The grid holds one infer.py output per run:
 scheme is one of text-only, direct, curriculum, oracle (the text-only model decoded from gold transcripts,
 fraction dir `p0`); fraction is the share of speech in training, written like `p0.02` or `p1.0`. Every run is
 scored by score.py (this file computes no metric itself) and each (scheme, fraction) cell summarised over its
-seeds. Written to --out, each file to a temporary name and then renamed:
+seeds. The same pred.jsonl under two seed dirs of a cell (a linked directory, or a copied file) is an error naming
+both: it would count as two seeds that agree perfectly. Written to --out, each file to a temporary name and then
+renamed:
 
   table.md     paper Table 2: rows = schemes, columns = speech fractions, one section per metric (and per
                --by group); a cell is `mean ± ci95` in percent, the 95% Student-t half-width over seeds;
-               a single seed shows its value and `(n=1)`. A dagger † marks a cell whose interval does not
-               overlap text-only's (score.significance; a cell or reference of one seed gets none).
-               text-only uses no speech, so a grid may hold it once, at p0: the reference is text-only's
-               cell at the same fraction, else its p0 cell.
+               a single seed shows its value and `(n=1)`. A dagger † marks, as in the paper's Table 2
+               ("significant improvement over the other method (95% CI non-overlapping)"), the better of
+               direct and curriculum at the same speech fraction when their intervals do not overlap
+               (score.daggers); the worse cell, text-only, oracle and a cell or rival of one seed get none.
+               --dagger-against text-only instead marks any scheme's cell whose interval lies wholly above
+               text-only's; text-only uses no speech, so a grid may hold it once, at p0: its cell at the same
+               fraction is the rival, else its p0 cell (this is also the base of the relative improvements).
   table.csv    the same cells, one per line, with the number of runs, mean and ci95 (fractions in [0, 1]),
                and `missing` / `parse_errors` (gold rows with no prediction, unparsed answers; summed over runs).
   report.json  every number above, plus each cell's per-seed values and (with --by) the relative improvements.
@@ -51,7 +57,16 @@ import score  # noqa: E402
 from model.manifest import atomic_write, atomic_write_text  # noqa: E402
 
 SCHEMES = ("text-only", "direct", "curriculum", "oracle")  # table row order
-REFERENCE = "text-only"  # the dagger compares every cell against this scheme
+REFERENCE = "text-only"  # relative improvements (and daggers with --dagger-against text-only) are against it
+RIVALS = {"direct": "curriculum", "curriculum": "direct"}  # the paper's dagger: the other method, same fraction
+OTHER_METHOD = "other-method"  # --dagger-against's default, the paper's rule: RIVALS at the same fraction
+DAGGER_AGAINST = (OTHER_METHOD, REFERENCE)  # --dagger-against's choices
+DAGGER_NOTES = {  # table.md's footnote for each choice
+    OTHER_METHOD: "† significant improvement over the other method (direct or curriculum) at the same speech\n"
+                  "fraction: the 95% intervals do not overlap (the paper's Table 2).",
+    REFERENCE: f"† significant improvement over {REFERENCE} at the same speech fraction ({REFERENCE}'s p0 cell\n"
+               f"where it has none there): the 95% intervals do not overlap.",
+}
 DEFAULT_METRICS = ("slu_f1", "intent_acc", "entity_f1")
 FIGURE_METRIC = "slu_f1"
 COLORS = {"text-only": "tab:gray", "direct": "tab:blue", "curriculum": "tab:orange", "oracle": "tab:green"}
@@ -153,6 +168,18 @@ def reference_of(fraction: float, cells: dict[Cell, dict]) -> Cell | None:
     return None
 
 
+def rival_of(cell: Cell, cells: dict[Cell, dict], against: str) -> Cell | None:
+    """The cell whose interval `cell` must lie wholly above to get a dagger; None: it never gets one.
+
+    other-method (the paper's Table 2): direct against curriculum at the same fraction and back; text-only
+    and oracle get none. text-only: every other scheme against text-only's reference cell."""
+    scheme, fraction = cell
+    if against == REFERENCE:
+        return None if scheme == REFERENCE else reference_of(fraction, cells)
+    rival = (RIVALS[scheme], fraction) if scheme in RIVALS else None
+    return rival if rival in cells else None
+
+
 def seed_values(result: dict, metric: str) -> list[float]:
     """The per-seed values of one metric in a score.evaluate / summarize_runs result."""
     return [run[metric] for run in result["runs"]] if "runs" in result else [result[metric]]
@@ -165,7 +192,7 @@ def format_cell(mean: float, ci95: float | None, dagger: bool) -> str:
 
 
 def build_cells(results: dict[Cell, dict], runs: dict[Cell, list[tuple[str, Path]]], metrics: Sequence[str],
-                by: str | None = None) -> list[dict]:
+                by: str | None = None, dagger_against: str = OTHER_METHOD) -> list[dict]:
     """One dict per (group, metric, scheme, fraction) with a result: the table's cells in reading order."""
     rows = []
     for group, key in groups_of(results, by):
@@ -174,16 +201,19 @@ def build_cells(results: dict[Cell, dict], runs: dict[Cell, list[tuple[str, Path
         for metric in metrics:
             for cell in sorted(group_results, key=lambda c: (SCHEMES.index(c[0]), c[1])):
                 result, ref = group_results[cell], reference_of(cell[1], group_results)
+                rival = rival_of(cell, group_results, dagger_against)
                 multi = "ci95" in result
-                dagger = (multi and ref is not None and ref != cell and "ci95" in group_results[ref]
-                          and score.significance(result, group_results[ref])[metric])
+                dagger = (multi and rival is not None and "ci95" in group_results[rival]
+                          and score.daggers(result, group_results[rival])[metric])
                 mean = result["mean"][metric] if multi else result[metric]
                 ci95 = result["ci95"][metric] if multi else None
                 rows.append({
                     "group": group, "metric": metric, "scheme": cell[0], "speech_fraction": cell[1],
                     "runs": len(runs[cell]), "seeds": [name for name, _ in runs[cell]],
                     "values": seed_values(result, metric), "mean": mean, "ci95": ci95,
-                    "reference_fraction": None if ref is None else ref[1], "dagger": bool(dagger),
+                    "reference_fraction": None if ref is None else ref[1],
+                    "dagger_against": None if rival is None else {"scheme": rival[0], "speech_fraction": rival[1]},
+                    "dagger": bool(dagger),
                     "cell": format_cell(mean, ci95, bool(dagger)),
                     "missing": result["missing"], "parse_errors": result["parse_errors"],
                 })
@@ -209,13 +239,12 @@ def relative_improvements(cells: list[dict], metric: str = FIGURE_METRIC) -> lis
 # ---------------------------------------------------------------------------------------------
 # Tables.
 
-def format_markdown(cells: list[dict], title: str, by: str | None = None) -> str:
+def format_markdown(cells: list[dict], title: str, by: str | None = None,
+                    dagger_against: str = OTHER_METHOD) -> str:
     fractions = sorted({c["speech_fraction"] for c in cells})
     lines = [f"# {title}", "",
              "Cells: mean ± 95% confidence half-width over seeds (Student t), in percent; `(n=1)`: a single seed,",
-             "no interval; –: no runs.",
-             f"† the 95% interval does not overlap {REFERENCE}'s at the same speech fraction "
-             f"({REFERENCE}'s p0 cell where it has none there).", ""]
+             "no interval; –: no runs.", DAGGER_NOTES[dagger_against], ""]
     for group in dict.fromkeys(c["group"] for c in cells):
         if by:
             lines += [f"## {group.replace('=', ' = ')}", ""]
@@ -326,17 +355,23 @@ def _save(fig, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def report(grid: str | Path, gold: str | Path, out: str | Path, by: str | None = None,
-           metrics: Sequence[str] = DEFAULT_METRICS) -> tuple[dict, list[str]]:
+           metrics: Sequence[str] = DEFAULT_METRICS, dagger_against: str = OTHER_METHOD) -> tuple[dict, list[str]]:
     """Score the grid and write every output file to `out`; returns (report.json's object, warnings)."""
+    if dagger_against not in DAGGER_AGAINST:
+        raise ValueError(f"dagger_against must be one of {', '.join(DAGGER_AGAINST)}, got {dagger_against!r}")
     out = Path(out)
     runs, warnings = find_runs(grid)
+    for seeds in runs.values():
+        score.check_distinct_runs([path for _, path in seeds])
     gold_rows = score.load_gold(gold, by)
     results = score_grid(gold_rows, runs, gold, by)
     if not any(cell[0] == REFERENCE for cell in results):
-        warnings.append(f"--grid {grid}: no {REFERENCE} runs, so no daggers and no relative improvements")
-    cells = build_cells(results, runs, metrics, by)
+        warnings.append(f"--grid {grid}: no {REFERENCE} runs, so no relative improvements"
+                        + (" and no daggers" if dagger_against == REFERENCE else ""))
+    cells = build_cells(results, runs, metrics, by, dagger_against)
     # The figures always show SLU-F1, whatever --metric asked the tables for.
-    figure_cells = cells if FIGURE_METRIC in metrics else build_cells(results, runs, [FIGURE_METRIC], by)
+    figure_cells = (cells if FIGURE_METRIC in metrics
+                    else build_cells(results, runs, [FIGURE_METRIC], by, dagger_against))
     improvements = relative_improvements(figure_cells) if by else []
     for c in figure_cells if by else []:
         if c["scheme"] == REFERENCE and c["mean"] == 0:
@@ -345,7 +380,7 @@ def report(grid: str | Path, gold: str | Path, out: str | Path, by: str | None =
 
     out.mkdir(parents=True, exist_ok=True)
     title = f"sluice report: {grid}" + (f", by {by}" if by else "")
-    atomic_write_text(out / "table.md", format_markdown(cells, title, by))
+    atomic_write_text(out / "table.md", format_markdown(cells, title, by, dagger_against))
     atomic_write_text(out / "table.csv", format_csv(cells))
     plot_fraction_curve(figure_cells, out / "slu_f1_vs_fraction.png")
     if by and improvements:
@@ -355,7 +390,7 @@ def report(grid: str | Path, gold: str | Path, out: str | Path, by: str | None =
         if by:
             warnings.append("nothing to compare with text-only: relative_improvement.png not written")
     summary = {
-        "grid": str(grid), "gold": str(gold), "by": by, "metrics": list(metrics),
+        "grid": str(grid), "gold": str(gold), "by": by, "metrics": list(metrics), "dagger_against": dagger_against,
         "units": "mean, ci95 and values are fractions in [0, 1]; relative_improvement is in percent",
         "speech_fractions": sorted({c[1] for c in runs}),
         "cells": cells,
@@ -375,10 +410,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--by", default=None, help="also tabulate per value of this gold field, e.g. lang")
     parser.add_argument("--metric", action="append", choices=score.METRICS, default=None,
                         help=f"table section(s) to write, repeatable (default: {' '.join(DEFAULT_METRICS)})")
+    parser.add_argument("--dagger-against", choices=DAGGER_AGAINST, default=OTHER_METHOD,
+                        help="whom a cell's interval must lie wholly above to get a dagger: other-method (the "
+                             "paper's Table 2: direct vs curriculum at the same fraction; default) or text-only")
     args = parser.parse_args(argv)
     try:
         summary, warnings = report(args.grid, args.gold, args.out, args.by,
-                                   tuple(dict.fromkeys(args.metric or DEFAULT_METRICS)))
+                                   tuple(dict.fromkeys(args.metric or DEFAULT_METRICS)), args.dagger_against)
     except (OSError, ValueError) as e:
         print(f"report.py: error: {e}", file=sys.stderr)
         return 2

@@ -52,19 +52,24 @@ def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-@pytest.fixture(scope="module")
-def grid(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grid")
+def _write_grid(root, spec):
+    """root/test.jsonl and root/slurp/<scheme>/<fraction>/seed<k>/pred.jsonl for a spec like GRID."""
     gold = _gold_rows()
     _write_jsonl(root / "test.jsonl", gold)
-    for (scheme, fraction), ks in GRID.items():
+    for (scheme, fraction), ks in spec.items():
         for seed, k in enumerate(ks):
             seed_dir = root / "slurp" / scheme / fraction / f"seed{seed}"
             seed_dir.mkdir(parents=True)
-            if k is not None:
-                _write_jsonl(seed_dir / "pred.jsonl", _predictions(gold, k))
+            if k is not None:  # seeds that score the same still decode differently (a field score.py ignores)
+                _write_jsonl(seed_dir / "pred.jsonl", [{**row, "generated": f"seed {seed}"}
+                                                       for row in _predictions(gold, k)])
             (seed_dir / "train.log").write_text("not a prediction file\n")  # files besides pred.jsonl: ignored
     return root
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    return _write_grid(tmp_path_factory.mktemp("grid"), GRID)
 
 
 @pytest.fixture(scope="module")
@@ -128,22 +133,91 @@ def test_a_single_seed_cell_shows_its_value_with_n1_and_no_interval(plain):
     assert table[("all", "intent", "curriculum", "100%")] == f"{100 * 35 / N_ROWS:.1f} (n=1)"
 
 
-def test_daggers_are_exactly_where_the_t_interval_misses_text_onlys(plain):
-    out, _ = plain
-    table = parse_markdown((out / "table.md").read_text(encoding="utf-8"))
+def _marked(table, metric="intent"):
+    """{(scheme, column)} of the cells of one metric's table that carry a dagger."""
+    return {(scheme, column) for (_, m, scheme, column), cell in table.items()
+            if m == metric and cell.endswith("†")}
+
+
+def _apart_above(a, b):
+    """Whether the t interval of values a lies wholly above b's (by hand, without score.py)."""
+    return np.mean(a) - t_half_width(a) > np.mean(b) + t_half_width(b)
+
+
+# Per (scheme, fraction dir), correct rows per seed, for the dagger rule; the t intervals in rows (of 40):
+DAGGER_GRID = {
+    ("text-only", "p0"): [27, 27, 28],  # 25.9 .. 28.8
+    ("direct", "p0.02"): [20, 21, 22],  # 18.5 .. 23.5: below both curriculum and text-only
+    ("curriculum", "p0.02"): [31, 32, 33],  # 29.5 .. 34.5: curriculum clearly better at 2%
+    ("direct", "p0.1"): [31, 32, 33],  # 29.5 .. 34.5: above text-only, but
+    ("curriculum", "p0.1"): [29, 31, 33],  # 26.0 .. 36.0: overlaps direct at 10%
+    ("direct", "p1.0"): [36, 37, 38],  # 34.5 .. 39.5: direct clearly better at 100%
+    ("curriculum", "p1.0"): [30, 31, 32],  # 28.5 .. 33.5
+    ("oracle", "p0"): [39, 39, 40],  # 37.9 .. 40.8: far above text-only
+}
+
+
+@pytest.fixture(scope="module")
+def dagger_tables(tmp_path_factory):
+    """{dagger-against choice: parsed table.md} of report.py on DAGGER_GRID; the default given as no flag."""
+    root = _write_grid(tmp_path_factory.mktemp("dagger-grid"), DAGGER_GRID)
+    tables = {}
+    for against in report.DAGGER_AGAINST:
+        out = root / f"out-{against}"
+        flag = [] if against == "other-method" else ["--dagger-against", against]
+        assert report.main(["--grid", str(root / "slurp"), "--gold", str(root / "test.jsonl"), "--out", str(out),
+                            "--metric", "intent_acc", *flag]) == 0
+        tables[against] = parse_markdown((out / "table.md").read_text(encoding="utf-8"))
+    return tables
+
+
+def _dagger_values(scheme, fraction):
+    return [k / N_ROWS for k in DAGGER_GRID[(scheme, fraction)]]
+
+
+def test_default_dagger_goes_to_the_better_of_direct_and_curriculum_where_their_intervals_are_apart(dagger_tables):
+    # The paper's Table 2: "significant improvement over the other method (95% CI non-overlapping)".
+    assert _apart_above(_dagger_values("curriculum", "p0.02"), _dagger_values("direct", "p0.02"))
+    assert _apart_above(_dagger_values("direct", "p1.0"), _dagger_values("curriculum", "p1.0"))
+    assert _marked(dagger_tables["other-method"]) == {("curriculum", "2%"), ("direct", "100%")}
+
+
+def test_default_dagger_skips_a_pair_that_overlaps_even_when_one_is_apart_from_text_only(dagger_tables):
+    direct, curriculum = _dagger_values("direct", "p0.1"), _dagger_values("curriculum", "p0.1")
+    assert not _apart_above(direct, curriculum) and not _apart_above(curriculum, direct)
+    assert _apart_above(direct, _dagger_values("text-only", "p0"))
+    table = dagger_tables["other-method"]
+    assert not table[("all", "intent", "direct", "10%")].endswith("†")
+    assert not table[("all", "intent", "curriculum", "10%")].endswith("†")
+
+
+def test_default_dagger_never_marks_text_only_or_the_oracle(dagger_tables):
+    assert _apart_above(_dagger_values("oracle", "p0"), _dagger_values("text-only", "p0"))
+    table = dagger_tables["other-method"]
+    assert table[("all", "intent", "oracle", "0%")] == "98.3 ± 3.6"
+    assert not table[("all", "intent", "text-only", "0%")].endswith("†")
+
+
+def test_dagger_against_text_only_marks_only_cells_whose_interval_lies_above_text_onlys(dagger_tables):
+    base = _dagger_values("text-only", "p0")
+    assert _apart_above(base, _dagger_values("direct", "p0.02"))  # apart, but below: the worse cell, no dagger
+    assert _marked(dagger_tables["text-only"]) == {("curriculum", "2%"), ("direct", "10%"), ("direct", "100%"),
+                                                   ("oracle", "0%")}
+
+
+def test_dagger_against_text_only_separates_intervals_apart_by_a_hair(grid, tmp_path):
+    assert report.main(["--grid", str(grid / "slurp"), "--gold", str(grid / "test.jsonl"), "--out", str(tmp_path),
+                        "--metric", "intent_acc", "--dagger-against", "text-only"]) == 0
+    table = parse_markdown((tmp_path / "table.md").read_text(encoding="utf-8"))
     base = _intent_values(("text-only", "p0"))
     expected = set()
     for (scheme, fraction) in GRID:
         values = _intent_values((scheme, fraction))
-        if scheme != "text-only" and len(values) > 1:  # text-only is at p0 only: the reference of every column
-            gap = abs(np.mean(values) - np.mean(base))
-            if gap > t_half_width(values) + t_half_width(base):
-                expected.add((scheme, COLUMN[fraction]))
+        if scheme != "text-only" and len(values) > 1 and _apart_above(values, base):
+            expected.add((scheme, COLUMN[fraction]))  # text-only is at p0 only: the reference of every column
     # The grid was built to hold both kinds, one of them by a hair (direct at 10%).
     assert expected == {("direct", "10%"), ("direct", "100%"), ("oracle", "0%")}
-    marked = {(scheme, column) for (group, metric, scheme, column), cell in table.items()
-              if metric == "intent" and cell.endswith("†")}
-    assert marked == expected
+    assert _marked(table) == expected
 
 
 def test_missing_cells_and_seeds_are_skipped_with_a_warning_naming_them(plain):
@@ -186,22 +260,23 @@ def test_tables_equal_the_ones_built_by_hand_from_the_files_with_score_py(grid, 
         results[(scheme, fraction)] = score.evaluate(gold, [score.load_predictions(p, ids, gold_path)
                                                             for p in paths], by="lang")
 
-    def by_hand(result, reference, metric):
+    def by_hand(result, rival, metric):
         if "ci95" not in result:
             return f"{100 * result[metric]:.1f} (n=1)"
-        mean, half = score.t_interval([run[metric] for run in result["runs"]])
-        dagger = reference is not None and not score.intervals_overlap(
-            (mean, half), score.t_interval([run[metric] for run in reference["runs"]]))
+        values = [run[metric] for run in result["runs"]]
+        mean, half = score.t_interval(values)
+        dagger = rival is not None and "runs" in rival and _apart_above(values, [r[metric] for r in rival["runs"]])
         return f"{100 * mean:.1f} ± {100 * half:.1f}" + ("†" if dagger else "")
 
+    other = {"direct": "curriculum", "curriculum": "direct"}  # the paper's dagger: the other method, same fraction
     expected = {}
     for group in ("all", "lang=de", "lang=en"):
         pick = (lambda r: r) if group == "all" else (lambda r, g=group: r["by_lang"][g[5:]])
-        reference = pick(results[("text-only", "p0")])
         for (scheme, fraction), result in results.items():
+            rival = results.get((other.get(scheme), fraction))
             for metric in report.DEFAULT_METRICS:
-                ref = None if scheme == "text-only" else reference
-                expected[(group, score.LABELS[metric], scheme, COLUMN[fraction])] = by_hand(pick(result), ref, metric)
+                expected[(group, score.LABELS[metric], scheme, COLUMN[fraction])] = by_hand(
+                    pick(result), None if rival is None else pick(rival), metric)
     assert {k: v for k, v in table.items() if v != "–"} == expected
     # The languages really differ (k correct rows split unevenly), so the per-language sections are not copies.
     assert table[("lang=en", "intent", "direct", "2%")] != table[("lang=de", "intent", "direct", "2%")]
@@ -290,6 +365,35 @@ def test_a_prediction_id_not_in_the_gold_file_is_an_error_naming_file_and_line(t
     assert report.main(["--grid", str(tmp_path / "g"), "--gold", str(tmp_path / "test.jsonl"),
                         "--out", str(tmp_path / "out")]) == 2
     assert f"{pred_path}:4: id 'nope' is not in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["copied file", "linked seed dir"])
+def test_two_seed_dirs_with_the_same_predictions_are_an_error_naming_both(tmp_path, capsys, how):
+    # Counted as two seeds, one run would look like perfect agreement: an interval of +-0 that can earn a dagger.
+    gold = _gold_rows()
+    _write_jsonl(tmp_path / "test.jsonl", gold)
+    cell = tmp_path / "g" / "direct" / "p0.02"
+    _write_jsonl(cell / "seed0" / "pred.jsonl", _predictions(gold, 20))
+    if how == "copied file":
+        _write_jsonl(cell / "seed1" / "pred.jsonl", _predictions(gold, 20))
+        expected = "have identical contents"
+    else:
+        (cell / "seed1").symlink_to(cell / "seed0", target_is_directory=True)
+        expected = "are the same file"
+    assert report.main(["--grid", str(tmp_path / "g"), "--gold", str(tmp_path / "test.jsonl"),
+                        "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"report.py: error: {cell / 'seed0' / 'pred.jsonl'} and {cell / 'seed1' / 'pred.jsonl'} {expected}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_gold_file_is_an_error_not_a_table_of_zeros(tmp_path, capsys):
+    (tmp_path / "test.jsonl").write_text("", encoding="utf-8")
+    _write_jsonl(tmp_path / "g" / "text-only" / "p0" / "seed0" / "pred.jsonl", [])
+    assert report.main(["--grid", str(tmp_path / "g"), "--gold", str(tmp_path / "test.jsonl"),
+                        "--out", str(tmp_path / "out")]) == 2
+    assert f"report.py: error: {tmp_path / 'test.jsonl'}: no gold rows" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_fraction_figure_of_all_zero_scores_gets_a_readable_zero_to_one_point_axis(tmp_path, monkeypatch):

@@ -265,19 +265,27 @@ def test_cli_several_runs_report_mean_and_scipy_ci_and_table_output(tmp_path):
     assert "SLU-F1" in table.stdout and "62.50 ± " in table.stdout  # intent mean of 1/2 and 3/4
 
 
-def test_cli_compare_marks_dagger_only_where_intervals_do_not_overlap(tmp_path):
+def _seed_files(tmp_path, name, rows, n=2):
+    """n prediction files with the same labels that differ only in a field score.py ignores (infer.py's raw
+    `generated` text): seeds that agree on every answer, yet distinct files."""
+    return [_write(tmp_path / f"{name}{k}.jsonl", [{**row, "generated": f"seed {k}"} for row in rows])
+            for k in range(n)]
+
+
+def test_cli_compare_puts_the_dagger_on_the_better_system_only_where_intervals_do_not_overlap(tmp_path):
     gold = _write(tmp_path / "gold.jsonl", GOLD)
     right = [_pred(i, g["scenario"], g["action"], [(e["type"], e["filler"]) for e in g["entities"]])
              for i, g in enumerate(GOLD)]
-    wrong_action = [{**row, "action": "x"} for row in right]
-    a = [_write(tmp_path / f"a{k}.jsonl", right) for k in range(2)]   # scenario 1, action 1
-    b = [_write(tmp_path / "b0.jsonl", wrong_action), _write(tmp_path / "b1.jsonl", wrong_action)]
-    proc = _run("--gold", gold, "--compare", *a, "--against", *b, "--json")
-    assert proc.returncode == 0, proc.stderr
-    significant = json.loads(proc.stdout)["significant"]
-    # Action: 1 +- 0 against 0 +- 0 do not overlap; scenario: 1 +- 0 both, identical.
-    assert significant["action_acc"] and significant["intent_acc"]
-    assert not significant["scenario_acc"] and not significant["slu_f1"]
+    good = _seed_files(tmp_path, "good", right)
+    bad = _seed_files(tmp_path, "bad", [{**row, "action": "x"} for row in right])
+    for first, second, better, worse in [(good, bad, "compare", "against"), (bad, good, "against", "compare")]:
+        proc = _run("--gold", gold, "--compare", *first, "--against", *second, "--json")
+        assert proc.returncode == 0, proc.stderr
+        dagger = json.loads(proc.stdout)["dagger"]
+        # Action: 1 +- 0 against 0 +- 0 are apart and the dagger goes to the 1; scenario: 1 +- 0 on both sides.
+        assert dagger[better]["action_acc"] and dagger[better]["intent_acc"]
+        assert not dagger[better]["scenario_acc"] and not dagger[better]["slu_f1"]
+        assert not any(dagger[worse].values())  # the worse system never gets a dagger
 
 
 def test_cli_unknown_id_exits_with_error_naming_the_file_and_id(tmp_path):
@@ -286,3 +294,83 @@ def test_cli_unknown_id_exits_with_error_naming_the_file_and_id(tmp_path):
     proc = _run("--gold", gold, "--pred", pred)
     assert proc.returncode == 2
     assert "pred.jsonl:4" in proc.stderr and "'g99'" in proc.stderr
+
+
+@pytest.mark.parametrize("spelling", ["same path", "another spelling of the path"])
+def test_cli_refuses_the_same_prediction_file_twice_it_would_be_two_perfectly_agreeing_seeds(tmp_path, capsys,
+                                                                                              monkeypatch, spelling):
+    gold = _write(tmp_path / "gold.jsonl", GOLD)
+    pred = _write(tmp_path / "pred.jsonl", PRED)
+    monkeypatch.chdir(tmp_path)
+    again = pred if spelling == "same path" else "./sub/../pred.jsonl"
+    (tmp_path / "sub").mkdir()
+    assert score.main(["--gold", gold, "--pred", pred, again]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("score.py: error: ") and f"{pred} and {again} are the same file" in err
+
+
+def test_cli_refuses_a_byte_identical_copy_of_a_prediction_file(tmp_path, capsys):
+    gold = _write(tmp_path / "gold.jsonl", GOLD)
+    seed0, copy = _write(tmp_path / "seed0.jsonl", PRED), _write(tmp_path / "seed1.jsonl", PRED)
+    assert score.main(["--gold", gold, "--pred", seed0, copy]) == 2
+    assert f"score.py: error: {seed0} and {copy} have identical contents" in capsys.readouterr().err
+    # Among the seeds of either side of a comparison too.
+    a = _seed_files(tmp_path, "a", PRED)
+    assert score.main(["--gold", gold, "--compare", *a, "--against", seed0, copy]) == 2
+    assert f"score.py: error: {seed0} and {copy} have identical contents" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_cli_refuses_a_gold_file_without_rows_instead_of_scoring_zero(tmp_path, capsys, content):
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text(content, encoding="utf-8")
+    pred = _write(tmp_path / "pred.jsonl", [])
+    assert score.main(["--gold", str(gold), "--pred", pred]) == 2
+    assert capsys.readouterr().err.startswith(f"score.py: error: {gold}: no gold rows")
+
+
+def test_cli_prediction_file_that_is_not_utf8_is_an_error_naming_file_and_line(tmp_path, capsys):
+    # score.py reads JSONL with model/manifest.py's reader: its errors name the file and the line.
+    gold = _write(tmp_path / "gold.jsonl", GOLD)
+    pred = tmp_path / "pred.jsonl"
+    pred.write_bytes(json.dumps(PRED[0]).encode() + b"\n" + b'{"id": "g1\xff"}\n')
+    assert score.main(["--gold", gold, "--pred", str(pred)]) == 2
+    assert capsys.readouterr().err.startswith(f"score.py: error: {pred}:2: ")
+
+
+# --- the paper's dagger ----------------------------------------------------------------------
+
+# Table 2 of the paper (arXiv 2509.15389), the direct and curriculum rows: per speech fraction, nine
+# "mean ± half-width" cells (SLURP, ITALIC, Speech-MASSIVE FR; intent accuracy, entity F1, SLU-F1), in units of
+# 1e-4 as printed; "+" marks the paper's dagger. Integers, so that touching intervals compare exactly.
+PAPER_TABLE_2 = """
+2%   Direct 8345 82    6354 38    7167 38    8048 147   5644 152   6773 98    8132 78    5349 113   6740 98
+2%   Curr.  8574 33+   6577 24+   7335 11+   8272 29+   6074 65+   7088 44+   8287 77    5590 63+   6919 48+
+5%   Direct 8558 50    6617 54    7373 42    8376 48    6190 70    7165 37    8376 118   5677 53    6969 37
+5%   Curr.  8642 16+   6765 21+   7475 25+   8412 32    6334 72+   7271 41+   8423 23    5802 35+   7048 44
+10%  Direct 8618 23    6740 31    7482 22    8533 54    6387 60    7320 34    8418 66    5805 102   7054 59
+10%  Curr.  8678 37    6807 15+   7529 21+   8490 34    6492 61    7406 22+   8493 17    5994 72+   7174 56+
+25%  Direct 8689 28    6779 40    7515 43    8618 71    6650 41    7518 21    8619 53    6150 65    7278 53
+25%  Curr.  8743 26    6873 23+   7580 15+   8622 17    6690 39    7529 40    8634 24    6176 50    7285 37
+50%  Direct 8779 27    6891 28    7618 12    8680 25    6827 72    7597 42    8708 50    6271 51    7363 49
+50%  Curr.  8771 33    6890 23    7610 22    8687 40    6850 43    7616 33    8682 34    6311 33    7381 24
+100% Direct 8813 35    6959 30    7675 22    8767 16    7022 54    7737 63    8739 40    6445 31    7486 25
+100% Curr.  8810 43    6932 30    7644 17    8735 34    7056 49    7766 32    8718 36    6463 75    7492 67
+"""
+
+
+def test_significantly_better_reproduces_every_dagger_of_the_papers_table_2_and_no_other():
+    rows = [line.split() for line in PAPER_TABLE_2.strip().splitlines()]
+    checked = 0
+    for direct, curriculum in zip(rows[::2], rows[1::2]):
+        assert (direct[1], curriculum[1], direct[0]) == ("Direct", "Curr.", curriculum[0])
+        for k in range(9):
+            d = (int(direct[2 + 2 * k]), int(direct[3 + 2 * k].rstrip("+")))
+            c = (int(curriculum[2 + 2 * k]), int(curriculum[3 + 2 * k].rstrip("+")))
+            where = (direct[0], k)
+            assert score.significantly_better(c, d) == curriculum[3 + 2 * k].endswith("+"), where
+            assert score.significantly_better(d, c) == direct[3 + 2 * k].endswith("+"), where
+            checked += 1
+    assert checked == 54
+    # Touching intervals overlap: SLURP intent at 10% (8678 - 37 == 8618 + 23) has no dagger in the paper.
+    assert not score.significantly_better((8678, 37), (8618, 23))
