@@ -21,12 +21,22 @@ Each output row is {"id", "prompt", "generated", "scenario", "action", "entities
 order. `prompt` is the chat text before the <|AUDIO|> token is expanded; `generated` the decoded new tokens
 without special tokens. An answer that does not parse keeps its raw text and the error, and counts in the
 summary: one bad generation never stops a run. The file is written to a temporary name and renamed at the end.
+
+Beside it, OUT.meta.json records what produced it: the model directory, whether the train.py run that exported
+it finished (its `training_run.json`; a run stopped by --max-steps is decoded with a warning), the decoding
+settings, and the rows whose generation hit --max-new-tokens without an end token (their answers are cut).
+
+Bad input (flags, manifest, audio headers, model directory, an --out that cannot be written) is reported before
+the model is loaded, as `infer.py: error: file:line: message` with exit status 2.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
+import hashlib
+import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -41,14 +51,26 @@ from tqdm import tqdm
 
 from model import checkpoint, generate, processor, qwen2_audio, sharding
 from model.answer import parse_answer
-from model.config import Qwen2AudioConfig, get_config
-from model.manifest import atomic_write_text, jsonl_text, read_manifest
+from model.config import ConfigError, Qwen2AudioConfig, get_config
+from model.manifest import ManifestError, atomic_write_text, iter_jsonl, jsonl_text, read_manifest
+from model.processor import round_up
 
 # Bucket granularity: prompt lengths are padded up to a multiple of TOKEN_BUCKET tokens and audio up to a
 # multiple of FRAME_BUCKET mel frames (100 frames = 1 s; 30 s at most, longer clips are truncated like the
 # reference does), so a test set compiles a handful of shapes.
 TOKEN_BUCKET = 64
 FRAME_BUCKET = 500
+# Default --max-new-tokens. Measured: the 5,007 real SLURP devel/test gold answers (model/answer.py's
+# render_answer, Qwen2 tokenizer) need 24 tokens on average, 53 at the 99th percentile and 76 at most, plus one
+# for <|im_end|> (5 need more than 64); French and Italian answers are longer. 128 leaves room for them; the
+# decoding loop stops as soon as every row has ended, so a larger limit costs only KV-cache memory.
+MAX_NEW_TOKENS = 128
+# The file train.py writes into each hf/ export: {"finished": bool, "steps": int, "planned_steps": int, ...}.
+TRAINING_RUN_FILE = "training_run.json"
+
+
+class InputError(ValueError):
+    """Bad flags, paths or data: the command line prints `infer.py: error: MESSAGE` and exits with status 2."""
 
 
 @dataclasses.dataclass
@@ -61,8 +83,9 @@ class Args:
     """Where to write the predictions JSONL."""
     num_beams: int = 3
     """Beam width; 1 = greedy."""
-    max_new_tokens: int = 64
-    """Generation stops at this many new tokens if no <|im_end|>/<|endoftext|> came first."""
+    max_new_tokens: int = MAX_NEW_TOKENS
+    """Generation stops at this many new tokens if no <|im_end|>/<|endoftext|> came first (such rows are counted
+    and listed in OUT.meta.json: their answers are cut)."""
     batch_size: int = 8
     """Rows per decoding batch (all data-parallel devices together)."""
     input: Literal["auto", "text"] = "auto"
@@ -73,10 +96,43 @@ class Args:
     """Devices each parameter is sharded over (ZeRO-3 style)."""
     tensor_parallel: int = 1
     """Devices each matmul is split over (Megatron style)."""
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Parameter and compute dtype."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Parameter and compute dtype. auto: float32 on a CPU (where XLA emulates bfloat16, slowly, and greedy
+    outputs then differ from the fp32 reference at near-ties), bfloat16 on an accelerator; train.py's rule."""
     seed: int = 0
     """Seed of the random weights of `--model tiny`."""
+
+
+def resolve_dtype(name: str) -> jnp.dtype:
+    if name == "auto":
+        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return jnp.dtype(name)
+
+
+def check_args(args: Args) -> None:
+    if args.num_beams < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        raise InputError(f"--num-beams, --max-new-tokens and --batch-size must be >= 1, got {args.num_beams}, "
+                         f"{args.max_new_tokens} and {args.batch_size}")
+    if Path(args.out).resolve() == Path(args.manifest).resolve():
+        raise InputError(f"--out {args.out}: is the manifest being decoded; choose another file")
+
+
+def check_out_path(out: str) -> None:
+    """Fail now, not after hours of decoding, if --out (and OUT.meta.json beside it) cannot be written: its folder
+    must exist or be creatable, and take a new file (probed with a temp file, which also catches a read-only disk)."""
+    path = Path(out)
+    if path.is_dir():
+        raise InputError(f"--out {out}: is a directory (expected a file name, e.g. {path / 'pred.jsonl'})")
+    existing = next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"--out {out}: {existing} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write in {path.parent}: {e.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def resolve_model_dir(model: str) -> str | None:
@@ -88,23 +144,54 @@ def resolve_model_dir(model: str) -> str | None:
     if (path / "hf" / "config.json").is_file():
         return str(path / "hf")
     if (path / "config.json").is_file():
+        if is_run_settings(path / "config.json"):
+            raise InputError(f"--model {model}: a train.py run directory with no export yet ({path / 'hf'} is "
+                             f"missing): let the run finish, or rerun train.py with --run-dir {model} to resume "
+                             f"and export it")
         return str(path)
-    raise SystemExit(f"--model {model}: no config.json in {path} or {path / 'hf'} "
+    raise InputError(f"--model {model}: no config.json in {path} or {path / 'hf'} "
                      f"(expected a Hugging Face directory, a train.py run directory, or 'tiny')")
 
 
-def load_model(args: Args, mesh) -> tuple[Qwen2AudioConfig, dict, str | None]:
-    """(config, params placed on the mesh, model directory or None)."""
-    dtype = jnp.dtype(args.dtype)
-    model_dir = resolve_model_dir(args.model)
+def is_run_settings(config_path: Path) -> bool:
+    """Whether a config.json is train.py's settings file (its run arguments) rather than a model's config."""
+    try:
+        settings = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):  # not readable as JSON: Qwen2AudioConfig.from_pretrained names the problem
+        return False
+    return isinstance(settings, dict) and "args" in settings and "audio_config" not in settings
+
+
+def read_training_run(model_dir: str | None) -> dict | None:
+    """{"finished", "steps", "planned_steps"} from the export's training_run.json; None without one (a real
+    Hugging Face checkpoint, or `tiny`)."""
+    if model_dir is None or not (Path(model_dir) / TRAINING_RUN_FILE).is_file():
+        return None
+    path = Path(model_dir) / TRAINING_RUN_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(record).__name__}")
+    for field, kind in (("finished", bool), ("steps", int), ("planned_steps", int)):
+        value = record.get(field)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise InputError(f"{path}: field '{field}': expected {'true or false' if kind is bool else 'an integer'}, "
+                             f"got {'nothing' if field not in record else json.dumps(value)}")
+    return {field: record[field] for field in ("finished", "steps", "planned_steps")}
+
+
+def load_model(model_dir: str | None, dtype, seed: int, mesh) -> tuple[Qwen2AudioConfig, dict]:
+    """(config, params placed on the mesh): the checkpoint in model_dir, or random `tiny` weights from seed."""
     config = get_config("tiny") if model_dir is None else Qwen2AudioConfig.from_pretrained(model_dir)
     shardings = sharding.param_shardings(mesh, qwen2_audio.abstract_params(config, dtype))
     if model_dir is None:
         init = jax.jit(lambda rng: qwen2_audio.init_params(config, rng, dtype), out_shardings=shardings)
-        params = init(jax.random.key(args.seed))
+        params = init(jax.random.key(seed))
     else:
         _, params = checkpoint.load_hf(model_dir, dtype=dtype, shardings=shardings)
-    return config, params, model_dir
+    return config, params
 
 
 def load_tokenizer(model_dir: str | None):
@@ -119,33 +206,52 @@ def load_tokenizer(model_dir: str | None):
     return processor.load_tokenizer(None)
 
 
-def round_up(n: int, multiple: int) -> int:
-    return max(multiple, math.ceil(n / multiple) * multiple)
-
-
 def audio_seconds(path: str) -> float:
-    """Duration from the file header (no decoding): enough to sort speech rows by length."""
+    """Duration from the file header (no decoding), enough to sort speech rows by length; ValueError if the
+    header cannot be read or the clip is too short to give one audio token."""
     try:
-        return soundfile.info(path).duration
-    except Exception:  # unreadable: processor.load_audio names the file when its batch is built
-        return 0.0
+        info = soundfile.info(path)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / OSError depending on the failure
+        raise ValueError(f"cannot read the audio header of {path}: {e}") from None
+    samples = -(-info.frames * processor.SAMPLE_RATE // info.samplerate)  # after resampling (processor.resample)
+    if processor.num_audio_tokens(processor.num_frames(samples)) < 1:
+        raise ValueError(f"{path}: {info.duration * 1000:.0f} ms of audio is too short to give one audio token")
+    return info.duration
+
+
+def manifest_lines(path: str) -> dict[str, int]:
+    """Line number of every row id: read again only to name the line of a bad row (ids are unique)."""
+    return {obj.get("id"): lineno for lineno, obj in iter_jsonl(path)}
 
 
 def plan_rows(rows: list[dict], tok, use_audio: bool, source: str) -> list[dict]:
-    """Per row: the prompt, whether it is decoded from audio, and a sort key (input length); sorted by the key."""
-    items = []
+    """Per row: the prompt, whether it is decoded from audio, and a sort key (input length); sorted by the key.
+    Every bad row (a prompt that cannot be built, an unreadable or too short audio file) is reported at once,
+    before any decoding."""
+    items, problems = [], []
     for i, row in enumerate(rows):
         from_audio = use_audio and row["audio"] is not None
         try:
             prompt = processor.build_prompt(None if from_audio else row["text"], audio=from_audio)
+            # Audio rows by duration (1 s of audio is 25 prompt tokens), text rows by token count.
+            seconds = audio_seconds(row["audio"]) if from_audio else 0.0
         except ValueError as e:
-            raise SystemExit(f"{source}: row {i + 1} (id {row['id']!r}): {e}") from None
+            problems.append((row["id"], e))
+            continue
         n_text = len(processor.encode_prompt(tok, prompt, 1 if from_audio else None))
-        # Audio rows by duration (1 s of audio is 25 prompt tokens), text rows by token count.
-        key = (0, audio_seconds(row["audio"]), n_text) if from_audio else (1, 0.0, n_text)
+        key = (0, seconds, n_text) if from_audio else (1, 0.0, n_text)
         items.append({"index": i, "row": row, "prompt": prompt, "from_audio": from_audio, "key": key})
+    if problems:
+        lines = manifest_lines(source)
+        raise InputError("\n".join(f"{source}:{lines[row_id]}: id {row_id!r}: {e}" for row_id, e in problems))
     items.sort(key=lambda item: item["key"])
     return items
+
+
+def hit_limit(new: list[int], max_new_tokens: int) -> bool:
+    """Whether a row's generation stopped at the token limit rather than at an end token: its answer may be cut.
+    (One that ends in an end token exactly at the limit is complete.)"""
+    return len(new) >= max_new_tokens and new[-1] not in generate.EOS_IDS
 
 
 def batches(items: list[dict], batch_size: int) -> list[list[dict]]:
@@ -193,22 +299,38 @@ def output_row(row: dict, prompt: str, generated: str) -> dict:
             "action": labels["action"], "entities": labels["entities"], "parse_error": error}
 
 
-def main(args: Args) -> dict:
-    if args.num_beams < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
-        raise SystemExit("--num-beams, --max-new-tokens and --batch-size must be >= 1")
-    rows = read_manifest(args.manifest, check_audio_exists=args.input == "auto")
+def meta_path(out: str) -> Path:
+    """The sidecar that records how --out was produced."""
+    return Path(f"{out}.meta.json")
 
+
+def warn_unfinished(model_dir: str, run: dict | None) -> None:
+    if run is not None and not run["finished"]:
+        print(f"infer.py: warning: {model_dir} was exported by a train.py run stopped at step {run['steps']} of "
+              f"{run['planned_steps']} (--max-steps): these are predictions of a partly trained model "
+              f"(recorded in the output's .meta.json)", file=sys.stderr)
+
+
+def main(args: Args) -> dict:
+    # Everything that can be wrong with the input is checked before the model is loaded.
+    check_args(args)
+    check_out_path(args.out)
+    rows = read_manifest(args.manifest, check_audio_exists=args.input == "auto")
+    model_dir = resolve_model_dir(args.model)
+    run = read_training_run(model_dir)
+    warn_unfinished(model_dir, run)
+    tok = load_tokenizer(model_dir)
+    items = plan_rows(rows, tok, use_audio=args.input == "auto", source=args.manifest)
+
+    dtype = resolve_dtype(args.dtype)
     mesh = sharding.make_mesh(args.data_parallel, args.fsdp, args.tensor_parallel)
     # Batch rows are split over the data and fsdp axes, so the batch must be a multiple of their product.
     batch_size = round_up(args.batch_size, mesh.shape["data"] * mesh.shape["fsdp"])
-    config, params, model_dir = load_model(args, mesh)
-    tok = load_tokenizer(model_dir)
-    dtype = jnp.dtype(args.dtype)
+    config, params = load_model(model_dir, dtype, args.seed, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
 
-    items = plan_rows(rows, tok, use_audio=args.input == "auto", source=args.manifest)
     results: list[dict | None] = [None] * len(rows)
-    shapes, n_generated, n_failed = set(), 0, 0
+    shapes, n_generated, n_failed, cut = set(), 0, 0, []  # cut: manifest indices
 
     def dispatch(chunk: list[dict]):
         """Build a batch on the host and start decoding it; JAX returns before the device is done."""
@@ -233,6 +355,8 @@ def main(args: Args) -> dict:
             n_generated += len(new)
             result = output_row(item["row"], item["prompt"], tok.decode(new, skip_special_tokens=True))
             n_failed += result["parse_error"] is not None
+            if hit_limit(new, args.max_new_tokens):
+                cut.append(item["index"])
             results[item["index"]] = result
         bar.update(len(chunk))
 
@@ -246,17 +370,41 @@ def main(args: Args) -> dict:
             pending = current
         collect(*pending)
     seconds = time.perf_counter() - start
-    atomic_write_text(args.out, jsonl_text(results))
+
+    # The sidecar first, the predictions last: a predictions file is only ever there with its record (whose
+    # hash says which predictions it describes).
+    text = jsonl_text(results)
+    cut_ids = [rows[i]["id"] for i in sorted(cut)]
+    meta = {"predictions_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "model": args.model, "model_dir": model_dir, "manifest": args.manifest,
+            # From the export's training_run.json; null for a checkpoint train.py did not export.
+            "finished": None if run is None else run["finished"], "steps": None if run is None else run["steps"],
+            "planned_steps": None if run is None else run["planned_steps"],
+            "decoding": {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "input": args.input,
+                         "dtype": dtype.name, "batch_size": batch_size, "seed": args.seed if model_dir is None else None},
+            "rows": len(rows), "parse_failures": n_failed,
+            "hit_max_new_tokens": len(cut_ids), "hit_max_new_tokens_ids": cut_ids}
+    atomic_write_text(meta_path(args.out), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(args.out, text)
 
     # Wall time from the first batch to the last, compilation included (one per batch shape).
     summary = {"rows": len(rows), "seconds": round(seconds, 2), "rows_per_s": round(len(rows) / seconds, 2),
                "generated_tokens": n_generated, "tokens_per_s": round(n_generated / seconds, 1),
-               "parse_failures": n_failed, "batch_shapes": len(shapes)}
+               "parse_failures": n_failed, "hit_max_new_tokens": len(cut_ids), "batch_shapes": len(shapes),
+               "meta": str(meta_path(args.out))}
     print(f"wrote {len(rows)} rows to {args.out} in {seconds:.1f} s ({len(shapes)} batch shape(s) compiled): "
           f"{summary['rows_per_s']} rows/s, {summary['tokens_per_s']} generated tokens/s, "
           f"{n_failed} answer(s) that did not parse", file=sys.stderr)
+    if cut_ids:
+        print(f"infer.py: warning: {len(cut_ids)} of {len(rows)} row(s) hit --max-new-tokens {args.max_new_tokens} "
+              f"without an end token, so their answers are cut (ids in {meta_path(args.out)}); "
+              f"raise --max-new-tokens if the model is trained", file=sys.stderr)
     return summary
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except (InputError, ManifestError, ConfigError, FileNotFoundError) as e:  # bad input: one clear message
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

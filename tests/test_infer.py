@@ -6,8 +6,12 @@ Our searches must give the same token ids. The small model of the search tests h
 with its own eos ids; scaling the eos rows of its lm_head makes eos likely enough that beams finish early, the
 early-stopping heuristic fires and an early hypothesis can win (the branches a beam search bug hides in).
 """
+import contextlib
+import hashlib
+import io
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -15,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import soundfile
 import torch
 import tyro
 from transformers import Qwen2AudioConfig as HFConfig
@@ -22,6 +27,7 @@ from transformers import Qwen2AudioForConditionalGeneration
 
 import infer
 from model import generate, processor, qwen2_audio, sharding
+from model.answer import render_answer
 from model.checkpoint import load_hf
 from model.config import Qwen2AudioConfig
 
@@ -200,9 +206,10 @@ REAL_VOCAB = 151936  # covers the real tokenizer's ids (151,649) so prompts come
 
 @pytest.fixture(scope="module")
 def real_vocab_model(tmp_path_factory):
-    """A tiny random checkpoint over the real Qwen2 vocabulary, its model directory, and a 2-row manifest."""
+    """A tiny random checkpoint over the real Qwen2 vocabulary, its model directory, and a 3-row manifest.
+    Its eos rows are zeroed, so no row ever ends: every generation runs to --max-new-tokens."""
     root = tmp_path_factory.mktemp("infer")
-    model, _, _ = build_model(root / "hf", vocab=REAL_VOCAB, audio_id=processor.AUDIO_TOKEN_ID)
+    model, _, _ = build_model(root / "hf", vocab=REAL_VOCAB, audio_id=processor.AUDIO_TOKEN_ID, eos_scale=0.0)
     wav = root / "alarm.wav"
     subprocess.run(["espeak-ng", "-w", str(wav), "wake me up at seven am"], check=True)
     # Manifest order differs from decoding order (audio rows first, then text rows by length).
@@ -282,7 +289,7 @@ def test_infer_command_line_flags():
 
 
 def test_infer_rejects_a_model_path_without_config(tmp_path):
-    with pytest.raises(SystemExit, match="no config.json"):
+    with pytest.raises(infer.InputError, match="no config.json"):
         infer.resolve_model_dir(str(tmp_path))
 
 
@@ -293,3 +300,148 @@ def test_a_train_run_directory_resolves_to_its_hf_export_even_with_its_own_confi
     (tmp_path / "hf" / "config.json").write_text("{}")
     assert infer.resolve_model_dir(str(tmp_path)) == str(tmp_path / "hf")
     assert infer.resolve_model_dir(str(tmp_path / "hf")) == str(tmp_path / "hf")
+
+
+# ---- infer.py: what the output records, and bad input found before the model is loaded ---------------------------
+
+@pytest.fixture(scope="module")
+def unfinished_run_decoded(real_vocab_model, tmp_path_factory):
+    """infer.main with default settings (except a 2-token limit) on a train.py run directory whose export says
+    the run was stopped at step 2 of 6: (summary, predictions path, its meta dict, stderr)."""
+    _, root, manifest, _ = real_vocab_model
+    run = tmp_path_factory.mktemp("run")
+    (run / "config.json").write_text(json.dumps({"args": {"scheme": "direct"}}))  # train.py's settings file
+    (run / "hf").mkdir()
+    for f in (root / "hf").iterdir():
+        (run / "hf" / f.name).symlink_to(f)
+    (run / "hf" / infer.TRAINING_RUN_FILE).write_text(json.dumps({"finished": False, "steps": 2, "planned_steps": 6}))
+    out = run / "preds" / "pred.jsonl"  # a folder that does not exist yet is created
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        summary = infer.main(infer.Args(model=str(run), manifest=str(manifest), out=str(out), num_beams=1,
+                                        max_new_tokens=2, input="text", batch_size=4))
+    return summary, out, json.loads(infer.meta_path(str(out)).read_text()), stderr.getvalue()
+
+
+def test_decoding_an_unfinished_run_warns_and_records_where_it_stopped(unfinished_run_decoded):
+    _, out, meta, stderr = unfinished_run_decoded
+    assert "stopped at step 2 of 6" in stderr
+    assert (meta["finished"], meta["steps"], meta["planned_steps"]) == (False, 2, 6)
+    assert meta["model_dir"].endswith("/hf") and meta["rows"] == 3
+
+
+def test_the_meta_file_names_the_predictions_it_describes(unfinished_run_decoded):
+    _, out, meta, _ = unfinished_run_decoded
+    assert meta["predictions_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert meta["decoding"]["num_beams"] == 1 and meta["decoding"]["max_new_tokens"] == 2
+
+
+def test_rows_cut_at_max_new_tokens_are_counted_listed_and_reported(unfinished_run_decoded, real_vocab_model):
+    summary, _, meta, stderr = unfinished_run_decoded
+    ids = [r["id"] for r in real_vocab_model[3]]  # the model cannot emit eos: every row is cut
+    assert meta["hit_max_new_tokens"] == summary["hit_max_new_tokens"] == 3
+    assert meta["hit_max_new_tokens_ids"] == ids  # manifest order
+    assert "3 of 3 row(s) hit --max-new-tokens 2" in stderr
+
+
+def test_default_dtype_is_float32_on_a_cpu(unfinished_run_decoded):
+    # XLA emulates bfloat16 on a CPU (slow, and greedy ties differ from the fp32 reference): train.py's auto rule.
+    assert infer.Args(model="m", manifest="m", out="o").dtype == "auto"
+    assert unfinished_run_decoded[2]["decoding"]["dtype"] == "float32"
+
+
+def test_a_row_ending_in_eos_exactly_at_the_limit_is_not_cut():
+    eos = generate.EOS_IDS[0]
+    assert infer.hit_limit([5, 6, 7], max_new_tokens=3)
+    assert not infer.hit_limit([5, 6, eos], max_new_tokens=3)
+    assert not infer.hit_limit([5, eos], max_new_tokens=3)
+
+
+def test_default_max_new_tokens_fits_the_longest_real_slurp_answer():
+    # SLURP devel line 1881 (slurp_id 7104): the longest of the 5,007 devel/test gold answers, 75 tokens + <|im_end|>.
+    persons = ("chris", "kimberly", "aaronson")
+    answer = render_answer("calendar", "set", [{"type": "event_name", "filler": "brunch"},
+                                               {"type": "date", "filler": "saturday"},
+                                               {"type": "timeofday", "filler": "morning"},
+                                               *({"type": "person", "filler": p} for p in persons)])
+    needed = len(processor.load_tokenizer().encode(answer, add_special_tokens=False).ids) + 1  # + <|im_end|>
+    assert needed == 76
+    assert infer.Args(model="m", manifest="m", out="o").max_new_tokens >= needed
+
+
+def test_a_model_directory_without_training_run_json_is_not_flagged(tmp_path, capsys):
+    # A real Hugging Face checkpoint has no training_run.json: no warning, and the meta file records null.
+    assert infer.read_training_run(str(tmp_path)) is None
+    infer.warn_unfinished(str(tmp_path), None)
+    infer.warn_unfinished(str(tmp_path), {"finished": True, "steps": 6, "planned_steps": 6})
+    assert capsys.readouterr().err == ""
+
+
+def test_a_training_run_json_with_a_wrong_field_is_an_input_error_naming_it(tmp_path):
+    (tmp_path / infer.TRAINING_RUN_FILE).write_text('{"finished": "no", "steps": 2, "planned_steps": 6}')
+    with pytest.raises(infer.InputError, match=r"training_run.json: field 'finished': expected true or false"):
+        infer.read_training_run(str(tmp_path))
+
+
+def test_a_run_directory_without_an_export_says_the_run_has_no_export_yet(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"args": {"scheme": "direct"}, "plan_fingerprint": "x"}))
+    with pytest.raises(infer.InputError, match="no export yet"):
+        infer.resolve_model_dir(str(tmp_path))
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Checks that an input error is found before the model is loaded (hours of work on a large test set)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+    monkeypatch.setattr(infer, "load_model", refuse)
+
+
+def text_manifest(path: Path) -> Path:
+    path.write_text(json.dumps({"id": "t", "lang": "en", "text": "play jazz", "audio": None, "scenario": "play",
+                                "action": "music", "entities": []}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("where", ["parent_is_a_file", "is_a_directory"])
+def test_an_unwritable_out_fails_before_the_model_is_loaded(tmp_path, no_model_load, where):
+    manifest = text_manifest(tmp_path / "m.jsonl")
+    (tmp_path / "a_file").write_text("")
+    out = {"parent_is_a_file": tmp_path / "a_file" / "pred.jsonl", "is_a_directory": tmp_path}[where]
+    with pytest.raises(infer.InputError, match=f"--out {out}: "):
+        infer.main(infer.Args(model="tiny", manifest=str(manifest), out=str(out)))
+
+
+def test_bad_audio_rows_are_all_reported_with_their_lines_before_the_model_is_loaded(tmp_path, no_model_load):
+    garbage, short = tmp_path / "garbage.wav", tmp_path / "short.wav"
+    garbage.write_bytes(b"not a wav file at all")
+    soundfile.write(short, np.zeros(96, np.float32), 16000)  # 6 ms: zero audio tokens
+    rows = [{"id": i, "lang": "en", "text": "wake me up", "audio": str(a), "scenario": "alarm", "action": "set",
+             "entities": []} for i, a in (("g", garbage), ("ok", short), ("s", short))]
+    rows[1]["audio"] = None
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(infer.InputError) as e:
+        infer.main(infer.Args(model="tiny", manifest=str(manifest), out=str(tmp_path / "p.jsonl")))
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{manifest}:1: id 'g': cannot read the audio header")
+    assert lines[1].startswith(f"{manifest}:3: id 's': ") and "too short to give one audio token" in lines[1]
+
+
+def test_bad_flags_are_an_input_error(tmp_path, no_model_load):
+    manifest = text_manifest(tmp_path / "m.jsonl")
+    with pytest.raises(infer.InputError, match="must be >= 1"):
+        infer.main(infer.Args(model="tiny", manifest=str(manifest), out=str(tmp_path / "p.jsonl"), num_beams=0))
+    with pytest.raises(infer.InputError, match="is the manifest being decoded"):
+        infer.main(infer.Args(model="tiny", manifest=str(manifest), out=str(manifest)))
+
+
+def test_the_command_line_prints_file_line_message_and_exits_2_on_bad_input(tmp_path):
+    manifest = text_manifest(tmp_path / "m.jsonl")
+    manifest.write_text(manifest.read_text() + "{not json\n")
+    done = subprocess.run([sys.executable, str(Path(infer.__file__)), "--model", "tiny", "--manifest", str(manifest),
+                           "--out", str(tmp_path / "p.jsonl")], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"infer.py: error: {manifest}:2: malformed JSON")
+    assert "Traceback" not in done.stderr
