@@ -3,20 +3,23 @@
     python grid.py --corpus-dir data/prepared/demo --grid grids/demo --fractions 0.05 0.25 --seeds 0 1 --oracle
     python grid.py --corpus-dir data/prepared/slurp --grid grids/slurp --fractions 0.02 0.05 0.10 0.25 0.50 1.0 \
         --seeds 0 1 2 3 4 --oracle --model /ckpt/Qwen2-Audio-7B-Instruct -- --fsdp 8
-    python grid.py --setting few-shot-TS --source-dir sm/fr-FR --target-dirs sm/targets \
-        --grid grids/xl-few-shot-TS --fractions 0.02 0.10 1.0 --seeds 0 1 2 --model /ckpt/Qwen2-Audio-7B-Instruct
+    python grid.py --setting few-shot-T+S --source-dir sm/fr-FR --target-dirs sm115/de-DE sm115/es-ES \
+        --grid grids/xl-few-shot-T+S --fractions 0 0.02 0.10 1.0 --seeds 0 --model /ckpt/Qwen2-Audio-7B-Instruct
     python grid.py ... --dry-run          # print every command, run none
 
 The stage scripts stay standalone; this file only builds their command lines and runs them as subprocesses,
 so every run of a grid can be reproduced by hand from the printed command. Arguments after `--` go to every
-train.py call unchanged (mesh flags, batch size, --remat, ...).
+train.py call unchanged (mesh flags, batch size, --remat, ...); grid.py's own flags belong before `--`.
 
 The grid directory (report.py reads exactly this layout):
 
     GRID/test_speech.jsonl                      the SPEECH rows of the test manifest(s): the paper scores speech
                                                 input; the transcript rows are only used by the oracle
     GRID/<scheme>/p<fraction>/seed<k>/run/      train.py's run directory (checkpoints, metrics.jsonl, hf/)
+    GRID/<scheme>/p<fraction>/seed<k>/train_command.json   the train.py command that made run/
     GRID/<scheme>/p<fraction>/seed<k>/pred.jsonl infer.py's predictions on test_speech.jsonl
+    GRID/<scheme>/p<fraction>/seed<k>/infer_command.json   the commands that made pred.jsonl (its model's
+                                                training, its decoding) and the test set's hash
     GRID/oracle/p0/seed<k>/pred.jsonl           the text-only model of seed k decoded from the transcripts of the
                                                 same rows (infer.py --input text): the no-ASR-error upper bound
     GRID-report/                                report.py's tables and figures (outside GRID: report.py treats
@@ -24,48 +27,73 @@ The grid directory (report.py reads exactly this layout):
 
 text-only uses no speech, so it runs once per seed, under p0. Seed k means `--seed k --subset-seed k`: the speech
 subsets of one seed are nested across fractions (train.py takes the first round(p*N) rows of one permutation).
-A cell whose pred.jsonl exists is skipped; a run directory with hf/ (train.py exports only at the end of its
-plan) is not trained again; an interrupted training resumes from its run directory (train.py does that itself).
-So rerunning the same command finishes an interrupted grid without redoing finished runs. Delete a pred.jsonl
-to redo its cell's decoding; delete its run/ too to redo the training.
+
+Rerunning a grid. Each cell records the commands that produced it (the *_command.json files, written before the
+command runs). A cell whose pred.jsonl was made by the same commands is skipped; a run directory trained by the
+same command whose export is finished (hf/training_run.json says so) is not trained again; an interrupted
+training resumes from its run directory (train.py does that itself). So rerunning the same command finishes an
+interrupted grid without redoing finished runs. A cell made by OTHER commands (other epochs, beams, learning rate,
+model, --max-steps, test set, ...) or by an older grid.py / train.py that recorded nothing is never reused: the
+grid refuses before running anything, naming each difference, and `--redo-changed` deletes those cells' run/ or
+pred.jsonl and redoes them. A run stopped by --max-steps counts as trained only for a command with that same
+--max-steps (a smoke grid); the real command differs from it and so redoes it.
 
 Cross-lingual settings (paper Fig. 2 / Table 3), --setting NAME. Source: Speech-MASSIVE fr-FR prepared with
 `prepare.py speech-massive --locales fr-FR --out SRC`; targets: Speech-MASSIVE few-shot, `prepare.py speech-massive
---locales de-DE es-ES ... --few-shot --out TGT` (train = train_115: 115 transcripts and their recordings per
-locale; one folder with all targets, or one folder per target); MASSIVE target text: `prepare.py massive --locales
-de-DE es-ES ... --out MAS` (transcripts only). p is the grid's speech fraction. Each setting's --train-manifest
-entries (PATH:FRACTION = that manifest's transcripts, always all of them, plus that fraction of its speech rows):
+--locales de-DE --few-shot --out TGT/de-DE` (train = train_115: 115 transcripts and their recordings; one folder per
+target, or one folder with all targets); MASSIVE target text: `prepare.py massive --locales de-DE --out MAS/de-DE`
+(transcripts only). p is the grid's speech fraction: the share of the SOURCE's recordings. Each setting's
+--train-manifest entries (PATH:FRACTION = that manifest's transcripts, always all of them, plus that fraction of
+its speech rows), one TGT / MAS entry per --target-dirs / --massive-dir folder:
 
-    zero-shot     SRC/train.jsonl:p                                       source only
-    few-shot-T    SRC/train.jsonl:p  TGT/train.jsonl:0                    + target transcripts T
-    few-shot-TS   SRC/train.jsonl:p  TGT/train.jsonl:1.0                  + target transcripts T and speech S
-    few-shot-T+M  SRC/train.jsonl:p  TGT/train.jsonl:0  MAS/train.jsonl:0 + T + MASSIVE target text M
-    no-source     TGT/train.jsonl:p                                       target few-shot data only (T, S at p)
+    zero-shot        SRC/train.jsonl:p                                    source only (Fig. 2)
+    few-shot-T       SRC/train.jsonl:p  TGT/train.jsonl:0                 + target transcripts T
+    few-shot-T+S     SRC/train.jsonl:p  TGT/train.jsonl:1.0               + target transcripts and speech T+S
+    few-shot-T+M     SRC/train.jsonl:p  TGT/train.jsonl:0    MAS/train.jsonl:0   + T + MASSIVE target text M
+    few-shot-T+S+M   SRC/train.jsonl:p  TGT/train.jsonl:1.0  MAS/train.jsonl:0   + T+S + M
+    no-source-T      TGT/train.jsonl:0                                    the target data alone (Table 3's
+    no-source-T+S    TGT/train.jsonl:1.0                                  "No Source" rows): one cell per
+    no-source-T+M    TGT/train.jsonl:0    MAS/train.jsonl:0               scheme and seed, at p0 (there is
+    no-source-T+S+M  TGT/train.jsonl:1.0  MAS/train.jsonl:0               no source speech to take p of)
 
-(one TGT entry per --target-dirs folder). Text-only runs pass the same entries and use none of their speech.
+Schemes: by default the paper's rule for Table 3 ("when only text data are available, we adopt a text-only
+scheme, while the presence of speech data leads to curriculum learning"): text-only at p0 where the setting has
+no target speech, curriculum wherever a cell has speech. A setting with target speech (T+S) also accepts the
+fraction 0 (curriculum on the target recordings alone: Table 3's 0% T+S rows). Text-only runs pass the same
+entries and use none of their speech. By default one model is trained on all targets together (--target-dirs
+all in one run); --per-target trains one model per --target-dirs folder instead, in GRID/<folder name>/ with its
+own report in GRID-report/<folder name>/ (--massive-dir folders pair with the target folders in order).
 Evaluation: the speech rows of every TGT/test.jsonl, reported per language (report.py --by lang); dev: the
-source's devel.jsonl (none for no-source: the targets' few-shot data has no dev split worth the name).
+source's devel.jsonl (none without a source: the targets' few-shot data has no dev split worth the name).
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import json
+import os
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from model.manifest import ManifestError, read_manifest, write_manifest
+from model.answer import MAX_NEW_TOKENS
+from model.checkpoint import TRAINING_RUN_FILE
+from model.manifest import ManifestError, atomic_write_text, jsonl_text, read_manifest, write_manifest
 from report import fraction_name  # the directory names report.py parses: p0, p0.02, p1
+from train import SCHEMES
 
 REPO = Path(__file__).resolve().parent
-SCHEMES = ("text-only", "direct", "curriculum")
-SETTINGS = ("zero-shot", "few-shot-T", "few-shot-TS", "few-shot-T+M", "no-source")
+PAPER_FRACTIONS = (0.02, 0.05, 0.10, 0.25, 0.50, 1.0)
 # train.py flags that grid.py sets per cell; passing them after `--` would contradict the layout.
 OWNED_TRAIN_FLAGS = ("--scheme", "--speech-fraction", "--epochs", "--model", "--run-dir", "--seed", "--subset-seed",
                      "--train-manifest", "--plan-only")
+TRAIN_RECORD = "train_command.json"  # in a trained cell: the train.py command that made run/
+INFER_RECORD = "infer_command.json"  # beside pred.jsonl: the commands that made it and the test set's hash
 
 
 class GridError(ValueError):
@@ -75,23 +103,44 @@ class GridError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # What each run trains on and is scored on.
 
+@dataclass(frozen=True)
+class Setting:
+    """The data of a cross-lingual setting (paper Table 3's row labels)."""
+    source: bool         # the source's train split: all its transcripts + p of its recordings
+    target_text: bool    # T: the targets' few-shot transcripts
+    target_speech: bool  # S: all the targets' few-shot recordings too
+    massive: bool        # M: MASSIVE target-language text
+
+
+SETTINGS = {
+    "zero-shot": Setting(source=True, target_text=False, target_speech=False, massive=False),
+    "few-shot-T": Setting(source=True, target_text=True, target_speech=False, massive=False),
+    "few-shot-T+S": Setting(source=True, target_text=True, target_speech=True, massive=False),
+    "few-shot-T+M": Setting(source=True, target_text=True, target_speech=False, massive=True),
+    "few-shot-T+S+M": Setting(source=True, target_text=True, target_speech=True, massive=True),
+    "no-source-T": Setting(source=False, target_text=True, target_speech=False, massive=False),
+    "no-source-T+S": Setting(source=False, target_text=True, target_speech=True, massive=False),
+    "no-source-T+M": Setting(source=False, target_text=True, target_speech=False, massive=True),
+    "no-source-T+S+M": Setting(source=False, target_text=True, target_speech=True, massive=True),
+}
+
+
 def train_entries(args, fraction: float) -> list[str]:
     """The --train-manifest entries (PATH:FRACTION) of one run at speech fraction `fraction`."""
     if args.setting is None:
         return [f"{Path(args.corpus_dir) / 'train.jsonl'}:{fraction:g}"]
-    source = f"{Path(args.source_dir) / 'train.jsonl'}:{fraction:g}" if args.setting != "no-source" else None
-    targets = [Path(d) / "train.jsonl" for d in args.target_dirs]
-    if args.setting == "zero-shot":
-        return [source]
-    if args.setting == "few-shot-T":
-        return [source] + [f"{t}:0" for t in targets]
-    if args.setting == "few-shot-TS":
-        return [source] + [f"{t}:1.0" for t in targets]
-    if args.setting == "few-shot-T+M":
-        return [source] + [f"{t}:0" for t in targets] + [f"{Path(d) / 'train.jsonl'}:0" for d in args.massive_dirs]
-    if args.setting == "no-source":
-        return [f"{t}:{fraction:g}" for t in targets]
-    raise GridError(f"--setting {args.setting!r}: expected one of {', '.join(SETTINGS)}")
+    setting = SETTINGS[args.setting]
+    entries = [f"{Path(args.source_dir) / 'train.jsonl'}:{fraction:g}"] if setting.source else []
+    if setting.target_text:
+        entries += [f"{Path(d) / 'train.jsonl'}:{'1.0' if setting.target_speech else '0'}" for d in args.target_dirs]
+    if setting.massive:
+        entries += [f"{Path(d) / 'train.jsonl'}:0" for d in args.massive_dirs]
+    return entries
+
+
+def has_speech(args, fraction: float) -> bool:
+    """Whether a mixing-scheme cell at `fraction` has any recordings to train on."""
+    return fraction > 0 or (args.setting is not None and SETTINGS[args.setting].target_speech)
 
 
 def test_manifests(args) -> list[Path]:
@@ -103,23 +152,33 @@ def test_manifests(args) -> list[Path]:
 
 def dev_manifest(args) -> str:
     """train.py's epoch-end dev set: the corpus' (or source's) devel.jsonl if there is one."""
-    folder = args.corpus_dir if args.setting is None else (args.source_dir if args.setting != "no-source" else None)
+    folder = args.corpus_dir if args.setting is None else (args.source_dir if SETTINGS[args.setting].source else None)
     if folder is not None and (Path(folder) / "devel.jsonl").is_file():
         return str(Path(folder) / "devel.jsonl")
     return "none"
 
 
-def write_test_speech(args, out: Path) -> int:
-    """Write the speech rows of the test manifest(s) to `out` (atomically; left alone if already identical).
-
-    Audio paths come back absolute from read_manifest, so the file works from the grid directory."""
+def test_speech_text(args) -> str:
+    """GRID/test_speech.jsonl's content: the speech rows of the test manifest(s), audio paths absolute (as
+    read_manifest gives them), so the file works from the grid directory."""
     rows = []
     for path in test_manifests(args):
         speech = [r for r in read_manifest(path) if r["audio"] is not None]
         if not speech:
             raise GridError(f"{path}: no speech rows (audio set): nothing to score speech input on")
         rows += speech
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return jsonl_text(rows)
+
+
+def test_speech_hash(args) -> str:
+    """Identifies the test set a prediction file was decoded from (recorded beside it)."""
+    return hashlib.sha256(test_speech_text(args).encode("utf-8")).hexdigest()
+
+
+def write_test_speech(args, out: Path) -> int:
+    """Write test_speech_text to `out` (atomically; left alone if already identical); the number of rows."""
+    text = test_speech_text(args)
+    rows = [json.loads(line) for line in text.splitlines()]
     if not (out.is_file() and out.read_text(encoding="utf-8") == text):
         write_manifest(out, rows)  # validates (a duplicate id across targets is an error naming the row) and renames
     return len(rows)
@@ -137,6 +196,10 @@ class Cell:
     def dir(self, grid: Path) -> Path:
         return grid / self.scheme / fraction_name(self.fraction) / f"seed{self.seed}"
 
+    def model_cell(self) -> Cell:
+        """The cell whose run/ this cell decodes: the oracle decodes the text-only model of its seed."""
+        return Cell("text-only", 0.0, self.seed) if self.scheme == "oracle" else self
+
 
 def train_command(args, cell: Cell, grid: Path) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), "--scheme", cell.scheme,
@@ -147,18 +210,21 @@ def train_command(args, cell: Cell, grid: Path) -> list[str]:
             *args.train_flags]
 
 
-def infer_command(args, model_run: Path, manifest: Path, out: Path, text_input: bool = False) -> list[str]:
-    return [sys.executable, str(REPO / "infer.py"), "--model", str(model_run / "hf"), "--manifest", str(manifest),
-            "--out", str(out), "--num-beams", str(args.num_beams), "--max-new-tokens", str(args.max_new_tokens),
-            *(["--input", "text"] if text_input else []), *args.infer_flags]
+def infer_command(args, cell: Cell, grid: Path) -> list[str]:
+    """Decode GRID/test_speech.jsonl with the model of cell.model_cell() into the cell's pred.jsonl."""
+    return [sys.executable, str(REPO / "infer.py"), "--model", str(cell.model_cell().dir(grid) / "run" / "hf"),
+            "--manifest", str(grid / "test_speech.jsonl"), "--out", str(cell.dir(grid) / "pred.jsonl"),
+            "--num-beams", str(args.num_beams), "--max-new-tokens", str(args.max_new_tokens),
+            *(["--input", "text"] if cell.scheme == "oracle" else []), *args.infer_flags]
 
 
-def report_command(args, grid: Path, gold: Path) -> list[str]:
-    return [sys.executable, str(REPO / "report.py"), "--grid", str(grid), "--gold", str(gold),
-            "--out", str(report_dir(args, grid)), *(["--by", "lang"] if args.setting else [])]
+def report_command(args, grid: Path) -> list[str]:
+    return [sys.executable, str(REPO / "report.py"), "--grid", str(grid), "--gold", str(grid / "test_speech.jsonl"),
+            "--out", str(report_dir(args)), *(["--by", "lang"] if args.setting else [])]
 
 
-def report_dir(args, grid: Path) -> Path:
+def report_dir(args) -> Path:
+    grid = Path(args.grid)
     return Path(args.report_out) if args.report_out else grid.parent / f"{grid.name}-report"
 
 
@@ -178,6 +244,146 @@ def cells(args) -> list[Cell]:
     return out
 
 
+def per_target_grids(args) -> list:
+    """--per-target: one grid (args copy) per --target-dirs folder, in GRID/<folder name>/, with that target's
+    MASSIVE folder (paired in order) and its report in GRID-report/<folder name>/."""
+    out = []
+    massive = args.massive_dirs or [None] * len(args.target_dirs)
+    for target, mas in zip(args.target_dirs, massive):
+        sub = copy.copy(args)
+        name = Path(target).name
+        sub.target_dirs, sub.massive_dirs = [target], [mas] if mas else []
+        sub.grid, sub.report_out, sub.per_target = str(Path(args.grid) / name), str(report_dir(args) / name), False
+        out.append(sub)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What made a cell: the records, compared with what this grid would run.
+
+def portable(cmd: list[str], grid: Path) -> list[str]:
+    """A command as recorded: the script's name, not the interpreter's or the checkout's path (a new virtual
+    environment is the same experiment), and paths inside the grid relative to it (a moved grid is the same grid)."""
+    prefix = str(grid)
+    return [Path(cmd[1]).name] + ["GRID" + a[len(prefix):] if a == prefix or a.startswith(prefix + os.sep) else a
+                                   for a in cmd[2:]]
+
+
+def flag_values(cmd: list[str]) -> dict[str, list[str]]:
+    """{--flag: its values} of a recorded command (a bare switch has none; a repeated flag collects them all)."""
+    out, flag = {}, None
+    for arg in cmd[1:]:
+        if arg.startswith("--"):
+            flag, _, value = arg.partition("=")
+            out.setdefault(flag, []).extend([value] if value else [])
+        elif flag is not None:
+            out[flag].append(arg)
+    return out
+
+
+def differences(old: list[str], new: list[str]) -> list[str]:
+    """What changed from the recorded command `old` to `new`, flag by flag: '--epochs 1 -> 3'."""
+    a, b = flag_values(old), flag_values(new)
+
+    def show(values):
+        return "(absent)" if values is None else " ".join(values) or "(set)"
+
+    out = [f"{flag} {show(a.get(flag))} -> {show(b.get(flag))}" for flag in dict.fromkeys([*a, *b])
+           if a.get(flag) != b.get(flag)]
+    if not out and old != new:  # the same flags in another order
+        out.append(f"{shlex.join(old)} -> {shlex.join(new)}")
+    return out
+
+
+def read_record(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GridError(f"{path}: not a JSON record ({e}); delete it and rerun with --redo-changed") from e
+
+
+def write_record(path: Path, record: dict) -> None:
+    atomic_write_text(path, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+
+
+def export_state(run_dir: Path) -> tuple[str, dict]:
+    """(state, train.py's training_run.json): state 'none' (no export yet), 'unknown' (an export without
+    training_run.json: an older train.py, which exported at --max-steps too), 'finished', or 'stopped' (an
+    export that --max-steps ended before its plan's end)."""
+    hf = run_dir / "hf"
+    if not (hf / "config.json").is_file():
+        return "none", {}
+    record = read_record(hf / TRAINING_RUN_FILE)
+    if record is None:
+        return "unknown", {}
+    return ("finished" if record.get("finished") is True else "stopped"), record
+
+
+def trained(args, run_dir: Path) -> bool:
+    """The run's export is what its command asks for: its plan's end, or --max-steps when the train flags have it."""
+    state, _ = export_state(run_dir)
+    return state == "finished" or (state == "stopped" and "--max-steps" in flag_names(args.train_flags))
+
+
+def stale_training(args, cell: Cell, grid: Path) -> str | None:
+    """Why cell's run/ (a trained cell's) cannot be reused by this grid's train command; None if it can, or if
+    there is nothing to reuse."""
+    run_dir = cell.dir(grid) / "run"
+    if not run_dir.exists():
+        return None
+    record = read_record(cell.dir(grid) / TRAIN_RECORD)
+    if record is None:
+        return f"{run_dir}: no {TRAIN_RECORD} (made by an older grid.py or by hand): its settings are unknown"
+    changed = differences(record["train"], portable(train_command(args, cell, grid), grid))
+    if changed:
+        return f"{run_dir}: trained with other settings: {'; '.join(changed)}"
+    if export_state(run_dir)[0] == "unknown":
+        return (f"{run_dir / 'hf'}: no {TRAINING_RUN_FILE} (exported by an older train.py): whether its training "
+                f"finished is unknown")
+    return None
+
+
+def infer_record(args, cell: Cell, grid: Path, test_hash: str) -> dict:
+    return {"train": portable(train_command(args, cell.model_cell(), grid), grid),
+            "infer": portable(infer_command(args, cell, grid), grid), "test_speech_sha256": test_hash}
+
+
+def stale_prediction(args, cell: Cell, grid: Path, test_hash: str) -> str | None:
+    """Why cell's pred.jsonl cannot be reused: made by another model training, decoding or test set."""
+    pred = cell.dir(grid) / "pred.jsonl"
+    if not pred.is_file():
+        return None
+    record = read_record(cell.dir(grid) / INFER_RECORD)
+    if record is None:
+        return f"{pred}: no {INFER_RECORD} (made by an older grid.py or by hand): its settings are unknown"
+    want = infer_record(args, cell, grid, test_hash)
+    changed = ([f"model training: {d}" for d in differences(record["train"], want["train"])]
+               + [f"decoding: {d}" for d in differences(record["infer"], want["infer"])])
+    if record.get("test_speech_sha256") != test_hash:
+        changed.append(f"the test set {grid / 'test_speech.jsonl'} changed")
+    return f"{pred}: made with other settings: {'; '.join(changed)}" if changed else None
+
+
+def stale_cells(args, grid: Path, test_hash: str) -> list[tuple[Path, str]]:
+    """(path to delete to redo it, why) for every run/ and pred.jsonl of the grid this command would not reuse."""
+    out, retrained = [], set()
+    for cell in cells(args):
+        if cell.scheme != "oracle":
+            why = stale_training(args, cell, grid)
+            if why:
+                out.append((cell.dir(grid) / "run", why))
+                retrained.add(cell)
+        pred = cell.dir(grid) / "pred.jsonl"
+        why = stale_prediction(args, cell, grid, test_hash)
+        if not why and cell.model_cell() in retrained and pred.is_file():
+            why = f"{pred}: decoded from {cell.model_cell().dir(grid) / 'run'}, which is not reused"
+        if why:
+            out.append((pred, why))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Running.
 
@@ -187,62 +393,166 @@ def run_command(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def exported(run_dir: Path) -> bool:
-    return (run_dir / "hf" / "config.json").is_file()
+def run_cell(args, cell: Cell, grid: Path, test_hash: str) -> bool:
+    """Train (or resume) and decode one cell unless its pred.jsonl exists; True if anything ran.
 
-
-def run_cell(args, cell: Cell, grid: Path, test: Path) -> bool:
-    """Train (or resume) and decode one cell unless its pred.jsonl exists; True if anything ran."""
-    pred = cell.dir(grid) / "pred.jsonl"
-    if pred.is_file():
+    stale_cells has already run: an existing pred.jsonl or run/ is the one this command would make. Each record
+    is written before its command runs, so an interrupted command is resumed under the record that started it."""
+    if (cell.dir(grid) / "pred.jsonl").is_file():
         return False
-    # The oracle decodes the transcripts with the text-only model of the same seed; nothing of its own to train.
-    train_cell = Cell("text-only", 0.0, cell.seed) if cell.scheme == "oracle" else cell
-    run_dir = train_cell.dir(grid) / "run"
-    # hf/ is written when a run ends (its plan's end, or --max-steps among the train flags): such a run is done.
-    if not exported(run_dir):
-        run_command(train_command(args, train_cell, grid))  # resumes from run/checkpoints if interrupted
-        if not exported(run_dir):
-            raise GridError(f"{run_dir}: train.py finished without writing hf/ (was --no-export among the train "
-                            f"flags? a grid cell must export its model to be decoded)")
-    run_command(infer_command(args, run_dir, test, pred, text_input=cell.scheme == "oracle"))
+    model_cell = cell.model_cell()
+    run_dir = model_cell.dir(grid) / "run"
+    if not trained(args, run_dir):
+        cmd = train_command(args, model_cell, grid)
+        write_record(model_cell.dir(grid) / TRAIN_RECORD, {"train": portable(cmd, grid)})
+        run_command(cmd)  # resumes from run/checkpoints if interrupted
+        state, info = export_state(run_dir)
+        if not trained(args, run_dir):
+            raise GridError(f"{run_dir}: train.py exited 0 but " + {
+                "none": "wrote no hf/ (was --no-export among the train flags? a grid cell must export its model "
+                        "to be decoded)",
+                "unknown": f"its hf/ has no {TRAINING_RUN_FILE} (is train.py older than grid.py?)",
+                "stopped": f"stopped at step {info.get('steps')} of {info.get('planned_steps')} (--max-steps is "
+                           f"not among the train flags)"}[state])
+    write_record(cell.dir(grid) / INFER_RECORD, infer_record(args, cell, grid, test_hash))
+    run_command(infer_command(args, cell, grid))
     return True
+
+
+def redo(stale: list[tuple[Path, str]]) -> None:
+    """--redo-changed: delete what stale_cells found, so that run_cell makes it again."""
+    for path, why in stale:
+        print(f"grid.py: redoing {path}: {why.split(': ', 1)[1]}", flush=True)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def refuse(stale: list[tuple[Path, str]]) -> GridError:
+    shown = [f"  {why}" for _, why in stale[:10]] + ([f"  ... and {len(stale) - 10} more"] if len(stale) > 10 else [])
+    return GridError(f"{len(stale)} finished part(s) of the grid were made by other commands than this one, and "
+                     f"would be reused as if they were its results:\n" + "\n".join(shown) + "\n"
+                     f"Rerun with --redo-changed to delete and redo them, rerun the original command, or use "
+                     f"another --grid.")
+
+
+def print_commands(args) -> None:
+    grid = Path(args.grid)
+    print(f"# {grid / 'test_speech.jsonl'}: the speech rows of {' '.join(map(str, test_manifests(args)))}")
+    for cell in cells(args):
+        if cell.scheme != "oracle":
+            print(shlex.join(train_command(args, cell, grid)))
+        print(shlex.join(infer_command(args, cell, grid)))
+    print(shlex.join(report_command(args, grid)))
+
+
+def run_grid(args, test_hash: str) -> tuple[int, int]:
+    """Run every cell of one grid, then report.py; (cells run, cells skipped)."""
+    grid = Path(args.grid)
+    test = grid / "test_speech.jsonl"
+    todo = cells(args)
+    n_test = write_test_speech(args, test)
+    print(f"grid.py: {grid}: {len(todo)} cells, {n_test} test speech rows in {test}", flush=True)
+    ran = 0
+    for k, cell in enumerate(todo, 1):
+        if run_cell(args, cell, grid, test_hash):
+            ran += 1
+            print(f"grid.py: [{k}/{len(todo)}] {cell.dir(grid)} done", flush=True)
+        else:
+            print(f"grid.py: [{k}/{len(todo)}] {cell.dir(grid)}: pred.jsonl made by this command, skipped",
+                  flush=True)
+    run_command(report_command(args, grid))
+    return ran, len(todo) - ran
 
 
 def check_args(args) -> None:
     if args.setting is None:
         if not args.corpus_dir:
             raise GridError("give --corpus-dir (a prepared corpus: DIR/{train,devel,test}.jsonl) or --setting")
-        if args.source_dir or args.target_dirs or args.massive_dirs:
-            raise GridError("--source-dir / --target-dirs / --massive-dir need --setting")
+        if args.source_dir or args.target_dirs or args.massive_dirs or args.per_target:
+            raise GridError("--source-dir / --target-dirs / --massive-dir / --per-target need --setting")
     else:
+        setting = SETTINGS[args.setting]
         if args.corpus_dir:
             raise GridError(f"--setting {args.setting} takes its data from --source-dir / --target-dirs, "
                             f"not --corpus-dir")
         if not args.target_dirs:
             raise GridError(f"--setting {args.setting} needs --target-dirs (the targets' few-shot manifests)")
-        if args.setting != "no-source" and not args.source_dir:
-            raise GridError(f"--setting {args.setting} needs --source-dir (Speech-MASSIVE fr-FR manifests)")
-        if args.setting == "few-shot-T+M" and not args.massive_dirs:
-            raise GridError("--setting few-shot-T+M needs --massive-dir (MASSIVE target-language text)")
-        if args.setting != "few-shot-T+M" and args.massive_dirs:
-            raise GridError(f"--massive-dir is only used by --setting few-shot-T+M, not {args.setting}")
+        if setting.source != bool(args.source_dir):
+            raise GridError(f"--setting {args.setting} " + ("needs --source-dir (Speech-MASSIVE fr-FR manifests)"
+                            if setting.source else "uses no source data: drop --source-dir"))
+        if setting.massive != bool(args.massive_dirs):
+            raise GridError(f"--setting {args.setting} " + ("needs --massive-dir (MASSIVE target-language text)"
+                            if setting.massive else "uses no MASSIVE text: drop --massive-dir"))
+        if args.per_target:
+            if not setting.target_text:
+                raise GridError("--per-target: zero-shot trains on the source alone; one model serves every target")
+            if args.massive_dirs and len(args.massive_dirs) != len(args.target_dirs):
+                raise GridError(f"--per-target pairs each --target-dirs folder with one --massive-dir folder, in "
+                                f"order: got {len(args.target_dirs)} and {len(args.massive_dirs)}")
+            names = [Path(d).name for d in args.target_dirs]
+            if len(set(names)) != len(names):
+                raise GridError(f"--per-target: the --target-dirs folders name the sub-grids GRID/<folder name>; "
+                                f"these names repeat: {' '.join(names)}")
     for p in args.fractions:
-        if not 0 < p <= 1:
+        if not 0 <= p <= 1 or (p == 0 and not has_speech(args, p)):
             raise GridError(f"--fractions: {p:g} is not in (0, 1] (text-only, which uses no speech, is always run "
-                            f"at p0)")
+                            f"at p0; 0 is a fraction only in a setting with target speech, T+S)")
+    for scheme in args.schemes:
+        if not any(c.scheme == scheme for c in cells(args)):
+            raise GridError(f"--schemes {scheme}: --setting {args.setting} has no speech for it to mix in "
+                            f"(use text-only)")
     if args.oracle and "text-only" not in args.schemes:
         raise GridError("--oracle decodes with the text-only model of each seed: keep text-only in --schemes")
     if args.epochs < 1 or args.num_beams < 1 or args.max_new_tokens < 1:
         raise GridError("--epochs, --num-beams and --max-new-tokens must be >= 1")
-    owned = flag_names(args.train_flags) & set(OWNED_TRAIN_FLAGS)
-    if owned:
-        raise GridError(f"{', '.join(sorted(owned))} after `--`: grid.py sets these per cell (use its own flags)")
     needed = [Path(d) / "train.jsonl" for d in [args.corpus_dir, args.source_dir, *args.target_dirs,
                                                *args.massive_dirs] if d] + test_manifests(args)
     missing = [str(p) for p in dict.fromkeys(needed) if not p.is_file()]
     if missing and not args.dry_run:
         raise GridError(f"missing manifest(s): {', '.join(missing)} (make them with prepare.py)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", required=True, help="GRID/<name>: the grid directory (created)")
+    parser.add_argument("--corpus-dir", help="prepared corpus DIR/{train,devel,test}.jsonl (monolingual grid)")
+    parser.add_argument("--fractions", type=float, nargs="+",
+                        help="speech fractions of the mixing schemes (default: the paper's 0.02 0.05 0.10 0.25 0.50 "
+                             "1.0; a no-source setting has none of its own: p0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seed k: --seed k --subset-seed k")
+    parser.add_argument("--schemes", nargs="+", choices=SCHEMES,
+                        help="default: all three; with --setting, the paper's rule (text-only where a setting has "
+                             "no target speech, curriculum wherever a cell has speech)")
+    parser.add_argument("--oracle", action="store_true", help="also decode the test transcripts with text-only")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--model", default="tiny", help="preset (tiny, 7b) or Hugging Face Qwen2-Audio directory")
+    parser.add_argument("--num-beams", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    parser.add_argument("--infer-flag", dest="infer_flags", action="append", default=[], metavar="FLAG",
+                        help="extra infer.py argument, repeatable (e.g. --infer-flag=--dtype --infer-flag=float32)")
+    parser.add_argument("--setting", choices=list(SETTINGS), help="a cross-lingual setting (see below)")
+    parser.add_argument("--source-dir", help="source manifests (Speech-MASSIVE fr-FR)")
+    parser.add_argument("--target-dirs", nargs="+", default=[], help="target few-shot manifests (train_115, test)")
+    parser.add_argument("--massive-dir", dest="massive_dirs", nargs="+", default=[],
+                        help="MASSIVE target-language text manifests (the +M settings)")
+    parser.add_argument("--per-target", action="store_true",
+                        help="one model per --target-dirs folder (default: one model on all targets together)")
+    parser.add_argument("--report-out", help="report.py's --out (default: GRID-report beside GRID)")
+    parser.add_argument("--redo-changed", action="store_true",
+                        help="delete and redo the cells made by other commands (default: refuse to run)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    return parser
+
+
+def default_schemes(args) -> list[str]:
+    """The paper's rule: text-only when only text is available, curriculum when there is speech."""
+    if args.setting is None:
+        return list(SCHEMES)
+    text_only = [] if SETTINGS[args.setting].target_speech else ["text-only"]  # every cell has speech with S
+    return text_only + (["curriculum"] if any(has_speech(args, p) for p in args.fractions) else [])
 
 
 def parse_args(argv: Sequence[str] | None = None):
@@ -251,33 +561,27 @@ def parse_args(argv: Sequence[str] | None = None):
     if "--" in argv:  # everything after `--` goes to train.py
         at = argv.index("--")
         argv, train_flags = argv[:at], argv[at + 1:]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", required=True, help="GRID/<name>: the grid directory (created)")
-    parser.add_argument("--corpus-dir", help="prepared corpus DIR/{train,devel,test}.jsonl (monolingual grid)")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.05, 0.10, 0.25, 0.50, 1.0],
-                        help="speech fractions of the mixing schemes (default: the paper's)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seed k: --seed k --subset-seed k")
-    parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
-    parser.add_argument("--oracle", action="store_true", help="also decode the test transcripts with text-only")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--model", default="tiny", help="preset (tiny, 7b) or Hugging Face Qwen2-Audio directory")
-    parser.add_argument("--num-beams", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--infer-flag", dest="infer_flags", action="append", default=[], metavar="FLAG",
-                        help="extra infer.py argument, repeatable (e.g. --infer-flag=--dtype --infer-flag=float32)")
-    parser.add_argument("--setting", choices=SETTINGS, help="a cross-lingual setting (see below)")
-    parser.add_argument("--source-dir", help="source manifests (Speech-MASSIVE fr-FR)")
-    parser.add_argument("--target-dirs", nargs="+", default=[], help="target few-shot manifests (train_115, test)")
-    parser.add_argument("--massive-dir", dest="massive_dirs", nargs="+", default=[],
-                        help="MASSIVE target-language text manifests (few-shot-T+M)")
-    parser.add_argument("--report-out", help="report.py's --out (default: GRID-report beside GRID)")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    owned = flag_names(train_flags) & set(OWNED_TRAIN_FLAGS)
+    if owned:
+        raise GridError(f"{', '.join(sorted(owned))} after `--`: grid.py sets these per cell (use its own flags)")
+    ours = flag_names(train_flags) & {o for action in parser._actions for o in action.option_strings}
+    if ours:
+        raise GridError(f"{', '.join(sorted(ours))} after `--`: grid.py's own flag(s), which would go to every "
+                        f"train.py call; put them before `--`")
     args.train_flags = train_flags
+    if args.fractions is None:
+        # no source: no fraction of its own; the mixing schemes' cell (if any speech) is at p0
+        no_source = args.setting is not None and not SETTINGS[args.setting].source
+        args.fractions = list(PAPER_FRACTIONS) if not no_source else [0.0] if has_speech(args, 0.0) else []
+    elif args.setting is not None and not SETTINGS[args.setting].source:
+        raise GridError(f"--fractions: --setting {args.setting} has no source speech to take a fraction of "
+                        f"(its cells are at p0)")
     args.fractions = sorted(dict.fromkeys(args.fractions))  # 0.1 and 0.10 are one directory
     args.seeds = list(dict.fromkeys(args.seeds))
-    args.schemes = [s for s in SCHEMES if s in args.schemes]  # text-only first: the oracle needs it
+    chosen = default_schemes(args) if args.schemes is None else args.schemes
+    args.schemes = [s for s in SCHEMES if s in chosen]  # text-only first: the oracle needs it
     return args
 
 
@@ -285,31 +589,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         check_args(args)
-        grid = Path(args.grid)
-        test = grid / "test_speech.jsonl"
-        todo = cells(args)
+        grids = per_target_grids(args) if args.per_target else [args]
         if args.dry_run:
-            print(f"# {test}: the speech rows of {' '.join(map(str, test_manifests(args)))}")
-            for cell in todo:
-                train_cell = Cell("text-only", 0.0, cell.seed) if cell.scheme == "oracle" else cell
-                run_dir = train_cell.dir(grid) / "run"
-                if cell.scheme != "oracle":
-                    print(shlex.join(train_command(args, cell, grid)))
-                print(shlex.join(infer_command(args, run_dir, test, cell.dir(grid) / "pred.jsonl",
-                                               text_input=cell.scheme == "oracle")))
-            print(shlex.join(report_command(args, grid, test)))
+            for sub in grids:
+                print_commands(sub)
             return 0
-        n_test = write_test_speech(args, test)
-        print(f"grid.py: {len(todo)} cells, {n_test} test speech rows in {test}", flush=True)
-        ran = 0
-        for k, cell in enumerate(todo, 1):
-            if run_cell(args, cell, grid, test):
-                ran += 1
-                print(f"grid.py: [{k}/{len(todo)}] {cell.dir(grid)} done", flush=True)
-            else:
-                print(f"grid.py: [{k}/{len(todo)}] {cell.dir(grid)}: pred.jsonl exists, skipped", flush=True)
-        run_command(report_command(args, grid, test))
-        print(f"grid.py: {ran} cells run, {len(todo) - ran} skipped; report in {report_dir(args, grid)}")
+        # Every grid's cells are checked before anything runs: a refusal comes first, not hours in.
+        hashes = [test_speech_hash(sub) for sub in grids]
+        stale = [s for sub, h in zip(grids, hashes) for s in stale_cells(sub, Path(sub.grid), h)]
+        if stale and not args.redo_changed:
+            raise refuse(stale)
+        redo(stale)
+        totals = [run_grid(sub, h) for sub, h in zip(grids, hashes)]
+        ran, skipped = sum(t[0] for t in totals), sum(t[1] for t in totals)
+        print(f"grid.py: {ran} cells run, {skipped} skipped; report in {report_dir(args)}")
         return 0
     except (GridError, ManifestError) as e:
         print(f"grid.py: error: {e}", file=sys.stderr)

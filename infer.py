@@ -45,12 +45,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import soundfile
 import tyro
 from tqdm import tqdm
 
 from model import checkpoint, generate, processor, qwen2_audio, sharding
-from model.answer import parse_answer
+from model.answer import MAX_NEW_TOKENS, parse_answer
 from model.config import ConfigError, Qwen2AudioConfig, get_config
 from model.manifest import ManifestError, atomic_write_text, iter_jsonl, jsonl_text, read_manifest
 from model.processor import round_up
@@ -64,9 +63,6 @@ FRAME_BUCKET = 500
 # render_answer, Qwen2 tokenizer) need 24 tokens on average, 53 at the 99th percentile and 76 at most, plus one
 # for <|im_end|> (5 need more than 64); French and Italian answers are longer. 128 leaves room for them; the
 # decoding loop stops as soon as every row has ended, so a larger limit costs only KV-cache memory.
-MAX_NEW_TOKENS = 128
-# The file train.py writes into each hf/ export: {"finished": bool, "steps": int, "planned_steps": int, ...}.
-TRAINING_RUN_FILE = "training_run.json"
 
 
 class InputError(ValueError):
@@ -101,12 +97,6 @@ class Args:
     outputs then differ from the fp32 reference at near-ties), bfloat16 on an accelerator; train.py's rule."""
     seed: int = 0
     """Seed of the random weights of `--model tiny`."""
-
-
-def resolve_dtype(name: str) -> jnp.dtype:
-    if name == "auto":
-        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    return jnp.dtype(name)
 
 
 def check_args(args: Args) -> None:
@@ -165,9 +155,9 @@ def is_run_settings(config_path: Path) -> bool:
 def read_training_run(model_dir: str | None) -> dict | None:
     """{"finished", "steps", "planned_steps"} from the export's training_run.json; None without one (a real
     Hugging Face checkpoint, or `tiny`)."""
-    if model_dir is None or not (Path(model_dir) / TRAINING_RUN_FILE).is_file():
+    if model_dir is None or not (Path(model_dir) / checkpoint.TRAINING_RUN_FILE).is_file():
         return None
-    path = Path(model_dir) / TRAINING_RUN_FILE
+    path = Path(model_dir) / checkpoint.TRAINING_RUN_FILE
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -207,16 +197,12 @@ def load_tokenizer(model_dir: str | None):
 
 
 def audio_seconds(path: str) -> float:
-    """Duration from the file header (no decoding), enough to sort speech rows by length; ValueError if the
-    header cannot be read or the clip is too short to give one audio token."""
-    try:
-        info = soundfile.info(path)
-    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / OSError depending on the failure
-        raise ValueError(f"cannot read the audio header of {path}: {e}") from None
-    samples = -(-info.frames * processor.SAMPLE_RATE // info.samplerate)  # after resampling (processor.resample)
-    if processor.num_audio_tokens(processor.num_frames(samples)) < 1:
-        raise ValueError(f"{path}: {info.duration * 1000:.0f} ms of audio is too short to give one audio token")
-    return info.duration
+    """Duration from the file header (no decoding), enough to sort speech rows by length; ValueError if the file
+    cannot be used (missing, unreadable header, too short to give one audio token)."""
+    problem, seconds = processor.check_audio_file(path)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    return seconds
 
 
 def manifest_lines(path: str) -> dict[str, int]:
@@ -322,7 +308,7 @@ def main(args: Args) -> dict:
     tok = load_tokenizer(model_dir)
     items = plan_rows(rows, tok, use_audio=args.input == "auto", source=args.manifest)
 
-    dtype = resolve_dtype(args.dtype)
+    dtype = jnp.dtype(sharding.resolve_dtype(args.dtype))
     mesh = sharding.make_mesh(args.data_parallel, args.fsdp, args.tensor_parallel)
     # Batch rows are split over the data and fsdp axes, so the batch must be a multiple of their product.
     batch_size = round_up(args.batch_size, mesh.shape["data"] * mesh.shape["fsdp"])

@@ -55,8 +55,9 @@ import numpy as np  # noqa: E402
 
 import score  # noqa: E402
 from model.manifest import atomic_write, atomic_write_text  # noqa: E402
+from train import SCHEMES as TRAIN_SCHEMES  # noqa: E402
 
-SCHEMES = ("text-only", "direct", "curriculum", "oracle")  # table row order
+SCHEMES = (*TRAIN_SCHEMES, "oracle")  # table row order: train.py's schemes, then the oracle
 REFERENCE = "text-only"  # relative improvements (and daggers with --dagger-against text-only) are against it
 RIVALS = {"direct": "curriculum", "curriculum": "direct"}  # the paper's dagger: the other method, same fraction
 OTHER_METHOD = "other-method"  # --dagger-against's default, the paper's rule: RIVALS at the same fraction

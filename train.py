@@ -11,8 +11,10 @@ The file reads top to bottom:
      learning-rate schedule. Pure Python + numpy, no model: `--plan-only` stops here.
   3. Batches: manifest rows -> prompt + answer tokens, labels on the answer only, audio -> log-mel features.
   4. The train step: bf16 forward, answer-token cross-entropy summed over micro-batches and divided once,
-     global-norm clipping, AdamW on fp32 master parameters, one jax.jit with explicit shardings.
-  5. main(): mesh, model, resume from the latest orbax checkpoint, the loop, metrics, export to RUN_DIR/hf.
+     global-norm clipping, AdamW on fp32 master parameters, one jax.jit with explicit shardings; the phases
+     (which parameters are frozen, when a fresh AdamW starts).
+  5. train(): check the plan and every recording, refuse a resume with other settings, mesh and model, the loop
+     phase by phase (train_phase: metrics, evaluation, checkpoints), export to RUN_DIR/hf.
 
 The sampler (section 2) in words. N speech rows, p = --speech-fraction, N_p = round(p*N) (half up), E epochs.
 The speech subset is the first N_p rows of ONE permutation (seeded by --subset-seed) of the speech rows sorted by
@@ -20,7 +22,8 @@ id, so a larger p always contains a smaller p's subset and the file's row order 
   text-only:  every epoch = all transcript rows.
   direct:     every epoch = all transcript rows + the N_p subset, shuffled together.
   curriculum: epochs 1..E-1 = all transcript rows; epoch E = all transcripts + the N_p subset repeated E times,
-              so both mixing schemes see N_p*E speech examples in total.
+              so both mixing schemes see N_p*E speech examples in total. Epochs 1..E-1 train exactly as text-only
+              (audio path frozen); epoch E starts a fresh AdamW with its own schedule (see Phase).
 Each epoch's rows are shuffled with a generator seeded by (--seed, epoch). Steps per epoch = ceil(rows / global
 batch): the last step of an epoch takes the remaining rows (padded with rows that carry no loss), nothing is
 dropped, and since the loss is a mean over the answer tokens actually present, a short batch is not down-weighted
@@ -45,10 +48,16 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent
 SCHEMES = ("text-only", "direct", "curriculum")
-# Parameter subtrees that text-only training freezes (no gradient, no optimizer state).
-AUDIO_SUBTREES = ("audio_tower", "multi_modal_projector")
-IM_END = 151645  # <|im_end|>: closes the assistant turn; trained, so the model learns to stop
-PAD_ID = 151643  # <|endoftext|>: right padding (masked out of attention and loss)
+# Frozen parameters (no gradient, no optimizer state, no weight decay), as paths into the parameter tree.
+# The audio tower's sinusoidal position table: transformers keeps it out of training (requires_grad_(False)).
+ALWAYS_FROZEN = (("audio_tower", "embed_positions"),)
+# text-only, and curriculum's transcript epochs 1..E-1: the whole audio path.
+AUDIO_FROZEN = (("audio_tower",), ("multi_modal_projector",))
+PAPER_GLOBAL_BATCH = 128  # 8 GPUs x 2 rows x 8 accumulation steps
+DEMO_GLOBAL_BATCH = 16    # a preset (the demo): 2 rows x 8 accumulation steps on one CPU
+# Flags a resumed run may change: how it runs, not what it computes (each change is recorded in config.json).
+RESUMABLE = ("max_steps", "save_every", "keep_checkpoints", "eval_max_rows", "dev_manifest", "export", "progress",
+             "per_device_batch", "grad_accum", "data_parallel", "fsdp", "tensor_parallel", "run_dir", "plan_only")
 
 
 class InputError(ValueError):
@@ -75,13 +84,20 @@ class Args:
     epochs: int = 3
     """E."""
     model: str = "tiny"
-    """A preset ('tiny', '7b'; randomly initialised) or a Hugging Face Qwen2-Audio directory / our RUN_DIR/hf."""
+    """A Hugging Face Qwen2-Audio directory (e.g. Qwen2-Audio-7B-Instruct) / our RUN_DIR/hf, or a preset with random
+    weights: 'tiny' (the demo) or '7b' (needs --random-init)."""
+    random_init: bool = False
+    """Allow a preset other than 'tiny' to start from random weights (a smoke test, never a result)."""
     run_dir: str | None = None
     """Checkpoints, metrics.jsonl, config.json, hf/ export. Default runs/<scheme>. Rerunning resumes."""
+    global_batch: int | None = None
+    """Rows per optimizer step, the same on any hardware: accumulation = global_batch / (per_device_batch x data x
+    fsdp). None: 128 (the paper) for a pretrained --model directory, 16 for a preset; or, when --grad-accum is
+    given, per_device_batch x grad_accum x data x fsdp."""
     per_device_batch: int = 2
     """Rows per device per micro-batch (paper: 2)."""
-    grad_accum: int = 8
-    """Micro-batches per optimizer step (paper: 8). Global batch = per_device_batch * grad_accum * data * fsdp."""
+    grad_accum: int | None = None
+    """Micro-batches per optimizer step (paper: 8). None: derived from --global-batch and the mesh."""
     data_parallel: int = 1
     """Mesh axis 'data' (pure data parallelism: parameters replicated)."""
     fsdp: int = -1
@@ -97,6 +113,13 @@ class Args:
     """Curriculum only: peak of the fresh last-epoch schedule. None: peak_lr * 3/5 (paper: 3e-6 vs 5e-6)."""
     last_epoch_warmup_ratio: float = 0.02
     """Curriculum only: warmup fraction of the fresh last-epoch schedule (paper: 0.02)."""
+    curriculum_optimizer: Literal["fresh", "carry"] = "fresh"
+    """Curriculum only. fresh: the last epoch starts a new AdamW (zero moments, step count 0), as the paper's two
+    successive training runs do, and epochs 1..E-1 train exactly as text-only. carry (ablation): one AdamW through
+    both phases with every parameter but the position table trainable throughout."""
+    curriculum_schedule: Literal["own", "cut"] = "own"
+    """Curriculum only; the paper's "same scheduler configuration" for epochs 1..E-1. own: one warmup-cosine over
+    those E-1 epochs. cut: the E-epoch text-only schedule, stopped after epoch E-1."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay on kernels and embeddings (0: the Hugging Face Trainer default)."""
     adam_b1: float = 0.9
@@ -119,6 +142,8 @@ class Args:
     """How many recent checkpoints to keep."""
     eval_max_rows: int = 200
     """Dev rows used for the epoch-end evaluation (the first N transcript rows); 0 = no evaluation."""
+    eval_max_new_tokens: int | None = None
+    """Token limit of the epoch-end greedy decoding. None: infer.py's default (model/answer.py MAX_NEW_TOKENS)."""
     seed: int = 0
     """Everything except the speech subset: parameter init, epoch shuffles."""
     subset_seed: int = 0
@@ -138,15 +163,17 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 def _merge_repeated(argv: list[str], flag: str) -> list[str]:
-    """`--train-manifest a --train-manifest b` -> `--train-manifest a b` (tyro takes a tuple after one flag)."""
+    """`--train-manifest a --train-manifest b` (or `--train_manifest`, tyro's other spelling, or `--flag=a`) ->
+    `--train-manifest a b`: tyro would keep only the last occurrence of a repeated flag."""
+    spellings = (flag, "--" + flag[2:].replace("-", "_"))
     values, rest, i = [], [], 0
     while i < len(argv):
-        if argv[i] == flag or argv[i] == flag.replace("-", "_", 2).replace("__", "--"):
+        if argv[i] in spellings:
             i += 1
             while i < len(argv) and not argv[i].startswith("--"):
                 values.append(argv[i])
                 i += 1
-        elif argv[i].startswith(flag + "="):
+        elif argv[i].split("=", 1)[0] in spellings and "=" in argv[i]:
             values.append(argv[i].split("=", 1)[1])
             i += 1
         else:
@@ -250,7 +277,8 @@ class Plan:
 def make_plan(scheme: str, epochs: int, global_batch: int, text_ids: list[list[str]], speech_ids: list[list[str]],
               fractions: list[float], *, seed: int = 0, subset_seed: int = 0, peak_lr: float = 5e-6,
               warmup_ratio: float = 0.04, last_epoch_peak_lr: float = 3e-6, last_epoch_warmup_ratio: float = 0.02,
-              paths: list[str] | None = None, speech_fraction: float | None = None) -> Plan:
+              paths: list[str] | None = None, speech_fraction: float | None = None,
+              curriculum_schedule: str = "own") -> Plan:
     """The epoch plan for one or more manifests (lists are per manifest, in --train-manifest order)."""
     if scheme not in SCHEMES:
         raise InputError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -290,10 +318,15 @@ def make_plan(scheme: str, epochs: int, global_batch: int, text_ids: list[list[s
     else:
         groups = [(list(range(epochs)), peak_lr, warmup_ratio)]
     phases, epoch_rows = [], [None] * epochs
-    for group, peak, ratio in groups:
+    for k, (group, peak, ratio) in enumerate(groups):
         n = sum(steps[e] for e in group)
+        # The length the warmup and cosine are laid out over: the phase itself, or (curriculum "cut") the E-epoch
+        # text-only schedule that the first phase is the first E-1 epochs of.
+        cut = scheme == "curriculum" and curriculum_schedule == "cut" and k == 0 and len(groups) == 2
+        span = n + steps[0] if cut else n
         # ceil, as the Hugging Face Trainer turns warmup_ratio into steps (the paper's setup)
-        phase = {"epochs": [e + 1 for e in group], "steps": n, "peak_lr": peak, "warmup_steps": math.ceil(ratio * n)}
+        phase = {"epochs": [e + 1 for e in group], "steps": n, "schedule_steps": span, "peak_lr": peak,
+                 "warmup_steps": math.ceil(ratio * span)}
         phases.append(phase)
         for e in group:
             epoch_rows[e] = {"epoch": e + 1, "text": len(text_keys), "speech": epoch_speech[e],
@@ -304,18 +337,20 @@ def make_plan(scheme: str, epochs: int, global_batch: int, text_ids: list[list[s
 
 
 def lr_schedule(phases: list[dict]):
-    """optax schedule: per phase, linear warmup 0 -> peak over warmup_steps, then cosine to 0 at the phase's end.
+    """optax schedule: per phase, linear warmup 0 -> peak over warmup_steps, then cosine to 0 at schedule_steps
+    (the phase's end, except curriculum's "cut" first phase, which stops before its cosine reaches 0).
 
     Step k of a phase gets peak*k/warmup during warmup (so the very first update has lr 0, as in the Hugging Face
-    Trainer), then peak*0.5*(1+cos(pi*(k-warmup)/(steps-warmup))). A following phase restarts at its own step 0.
+    Trainer), then peak*0.5*(1+cos(pi*(k-warmup)/(span-warmup))). A following phase restarts at its own step 0.
     """
     import optax
     schedules, boundaries, start = [], [], 0
     for phase in phases:
         steps, warmup = phase["steps"], phase["warmup_steps"]
+        span = phase.get("schedule_steps", steps)
         schedules.append(optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=phase["peak_lr"], warmup_steps=warmup,
-            decay_steps=max(steps, warmup + 1), end_value=0.0))
+            decay_steps=max(span, warmup + 1), end_value=0.0))
         start += steps
         boundaries.append(start)
     if len(schedules) == 1:
@@ -328,6 +363,13 @@ def load_sources(args: Args) -> tuple[list[Source], list[list[dict]]]:
     if not args.train_manifest:
         raise InputError("--train-manifest: at least one manifest is needed")
     sources = [parse_source(s, args.speech_fraction) for s in args.train_manifest]
+    seen = {}
+    for s in sources:  # the same file twice would silently double its rows
+        real = os.path.realpath(find_path(s.path))
+        if real in seen:
+            raise InputError(f"--train-manifest: {s.path!r} and {seen[real]!r} are the same file; give each manifest "
+                             f"once")
+        seen[real] = s.path
     return sources, [read_manifest(find_path(s.path)) for s in sources]
 
 
@@ -338,9 +380,35 @@ def find_path(path: str) -> str:
     return path
 
 
-def global_batch_size(args: Args, data_size: int) -> int:
-    """per-device batch x accumulation x data-parallel devices (data x fsdp; the tensor axis shares one batch)."""
-    return args.per_device_batch * args.grad_accum * data_size
+def resolve_batch(args: Args, data: int, fsdp: int) -> tuple[int, int]:
+    """(global batch, accumulation steps). A micro-batch is per_device_batch rows on each of the data x fsdp
+    devices (the tensor axis shares one batch); the accumulation makes up the global batch, so the same command
+    takes the same optimizer steps on 1 CPU, 8 GPUs or a pod slice."""
+    micro = args.per_device_batch * data * fsdp
+    if args.per_device_batch < 1 or (args.grad_accum is not None and args.grad_accum < 1):
+        raise InputError(f"--per-device-batch and --grad-accum must be >= 1, got {args.per_device_batch}, "
+                         f"{args.grad_accum}")
+    if args.global_batch is None and args.grad_accum is not None:
+        return micro * args.grad_accum, args.grad_accum
+    target = args.global_batch or (PAPER_GLOBAL_BATCH if os.path.isdir(args.model) else DEMO_GLOBAL_BATCH)
+    if target < 1 or target % micro:
+        raise InputError(
+            f"global batch {target} is not a multiple of the micro-batch: --per-device-batch {args.per_device_batch} "
+            f"x {data * fsdp} data-parallel devices (--data-parallel {data} x --fsdp {fsdp}) = {micro} rows; change "
+            f"--global-batch, --per-device-batch or the mesh")
+    accum = target // micro
+    if args.grad_accum is not None and args.grad_accum != accum:
+        raise InputError(f"--grad-accum {args.grad_accum} contradicts --global-batch {target} = {micro} rows per "
+                         f"micro-batch x {accum}; give one of the two")
+    return target, accum
+
+
+def check_model_choice(args: Args) -> None:
+    """A preset other than the demo's 'tiny' has random weights: never train one by accident."""
+    if not os.path.isdir(args.model) and args.model != "tiny" and not args.random_init:
+        raise InputError(f"--model {args.model}: not a directory. Pass the path of a Hugging Face Qwen2-Audio "
+                         f"directory (e.g. a download of Qwen/Qwen2-Audio-7B-Instruct); to train the "
+                         f"{args.model!r} preset from random weights (a smoke test, never a result), add --random-init")
 
 
 def resolve_lr(args: Args) -> tuple[float, float]:
@@ -359,7 +427,27 @@ def build_plan(args: Args, sources: list[Source], manifests: list[list[dict]], g
         fractions=[s.speech_fraction for s in sources], seed=args.seed, subset_seed=args.subset_seed,
         peak_lr=peak, warmup_ratio=args.warmup_ratio, last_epoch_peak_lr=last,
         last_epoch_warmup_ratio=args.last_epoch_warmup_ratio, paths=[s.path for s in sources],
-        speech_fraction=args.speech_fraction)
+        speech_fraction=args.speech_fraction, curriculum_schedule=args.curriculum_schedule)
+
+
+def check_audio(plan: Plan, sources: list[Source], manifests: list[list[dict]]) -> int:
+    """Every recording the run will use is read from its header (in parallel) before the first step: all bad rows
+    are reported at once as `manifest:line: id: reason`, instead of a crash at their batch hours in. Returns how
+    many clips are longer than 30 s (cut to their first 30 s, as Qwen2-Audio's processor does)."""
+    from model.manifest import iter_jsonl
+    from model.processor import CHUNK_SAMPLES, SAMPLE_RATE, check_audio_file
+    rows = [{r["id"]: r for r in m} for m in manifests]
+    keys = sorted(set(plan.subset_keys))
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda k: check_audio_file(rows[k[0]][k[1]]["audio"]), keys))
+    bad = [(k, reason) for k, (reason, _) in zip(keys, results) if reason]
+    if bad:
+        lines = [{row["id"]: n for n, row in iter_jsonl(find_path(s.path))} for s in sources]
+        report = [f"{sources[m].path}:{lines[m].get(i, '?')}: {i}: {reason} ({rows[m][i]['audio']})"
+                  for (m, i), reason in bad]
+        raise InputError(f"{len(bad)} of the {len(keys)} recordings this run uses cannot be trained on:\n  "
+                         + "\n  ".join(report))
+    return sum(seconds * SAMPLE_RATE > CHUNK_SAMPLES for _, seconds in results)
 
 
 def resolve_mesh_shape(args: Args, n_devices: int) -> tuple[int, int, int]:
@@ -384,7 +472,7 @@ def print_plan(args: Args) -> dict:
     import jax
     sources, manifests = load_sources(args)
     data, fsdp, _ = resolve_mesh_shape(args, jax.device_count())
-    plan = build_plan(args, sources, manifests, global_batch_size(args, data * fsdp))
+    plan = build_plan(args, sources, manifests, resolve_batch(args, data, fsdp)[0])
     out = plan.to_json()
     print(json.dumps(out, ensure_ascii=False))
     return out
@@ -418,7 +506,9 @@ def make_example(row: dict, tok) -> Example:
     else:
         features, n_frames = None, 0
         prompt_ids = P.encode_prompt(tok, P.build_prompt(row["text"], audio=False))
-    return Example(list(prompt_ids) + encode_text(tok, answer) + [IM_END], len(prompt_ids), features, int(n_frames))
+    # <|im_end|> closes the assistant turn; it is trained, so the model learns to stop
+    return Example(list(prompt_ids) + encode_text(tok, answer) + [P.IM_END_ID], len(prompt_ids), features,
+                   int(n_frames))
 
 
 def collate(examples: list[Example | None], seq_len: int, n_frames_max: int | None,
@@ -429,6 +519,7 @@ def collate(examples: list[Example | None], seq_len: int, n_frames_max: int | No
     so the loss is on the assistant's answer only. answer_index [b, answer_len] lists those positions (padded
     with 0, where loss_mask is always 0): the model computes logits only there. Transcript rows in a batch with speech get all-zero features
     and feature_lengths 0 (the encoder masks them out entirely)."""
+    from model.processor import ENDOFTEXT_ID as PAD_ID  # right padding, masked out of attention and loss
     b = len(examples)
     out = {"input_ids": np.full((b, seq_len), PAD_ID, np.int32), "attention_mask": np.zeros((b, seq_len), np.int32),
            "targets": np.full((b, seq_len), PAD_ID, np.int32), "loss_mask": np.zeros((b, seq_len), np.float32)}
@@ -452,10 +543,6 @@ def collate(examples: list[Example | None], seq_len: int, n_frames_max: int | No
             out["input_features"][i, :, :ex.features.shape[1]] = ex.features
             out["feature_lengths"][i] = ex.n_frames
     return out
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 class StepLoader:
@@ -487,6 +574,7 @@ class StepLoader:
         any_speech = any(self.rows[k[0]][k[1]]["audio"] is not None for k in keys if k is not None)
         answer = max([len(ex.ids) - ex.n_prompt for ex in flat] + [1])
         longest, frames, answer = _global_max(longest, frames, answer)
+        from model.processor import round_up
         seq_len = round_up(longest, self.bucket)
         answer_len = min(round_up(answer, 16), seq_len)
         arrays = [collate(mb, seq_len, (frames or 4) if any_speech else None, answer_len) for mb in examples]
@@ -538,15 +626,15 @@ def make_train_step(config, tx, dtype, remat_policy: str):
 
     batch leaves are [grad_accum, micro_batch, ...]. Gradients of the SUMMED token losses are accumulated over
     the micro-batches and divided once by the step's answer-token count, so accumulation gives exactly the update
-    of one big batch. `frozen` (text-only: audio_tower + projector) is an input only: no gradient, no optimizer
-    state, returned untouched by construction."""
+    of one big batch. `frozen` (see Phase) is an input only: no gradient, no optimizer state, returned untouched
+    by construction."""
     import jax
     import jax.numpy as jnp
     import optax
 
     def step(trainable, frozen, opt_state, batch):
         def loss_fn(tr, mb):
-            return answer_loss({**frozen, **tr}, config, mb, dtype, remat_policy)
+            return answer_loss(merge_params(frozen, tr), config, mb, dtype, remat_policy)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -569,11 +657,47 @@ def make_train_step(config, tx, dtype, remat_policy: str):
     return step
 
 
-def split_params(params: dict, scheme: str) -> tuple[dict, dict]:
-    """(trainable, frozen) by top-level subtree."""
-    frozen_keys = AUDIO_SUBTREES if scheme == "text-only" else ()
-    return ({k: v for k, v in params.items() if k not in frozen_keys},
-            {k: v for k, v in params.items() if k in frozen_keys})
+def split_params(params: dict, frozen_paths: tuple[tuple[str, ...], ...]) -> tuple[dict, dict]:
+    """(trainable, frozen): the leaves under any of frozen_paths go to `frozen`. Works on any tree shaped like
+    the parameters (their shardings, say)."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+    flat = flatten_dict(params)
+    is_frozen = lambda path: any(path[:len(f)] == f for f in frozen_paths)
+    return (unflatten_dict({k: v for k, v in flat.items() if not is_frozen(k)}),
+            unflatten_dict({k: v for k, v in flat.items() if is_frozen(k)}))
+
+
+def merge_params(a: dict, b: dict) -> dict:
+    """The inverse of split_params."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+    return unflatten_dict({**flatten_dict(a), **flatten_dict(b)})
+
+
+@dataclass
+class Phase:
+    """Optimizer steps [start, start + steps) trained by ONE AdamW, fresh (zero moments, step count 0) at `start`,
+    with `frozen` parameters that get no gradient, no optimizer state and no weight decay.
+
+    text-only and direct: one phase. Curriculum: epochs 1..E-1 exactly as text-only (the audio path frozen), then
+    the last epoch with a new AdamW and its own schedule, which is what the paper's two successive training runs
+    do (--curriculum-optimizer carry: one phase, the ablation)."""
+    start: int
+    steps: int
+    schedule: object  # optax schedule over the phase's own steps
+    frozen: tuple[tuple[str, ...], ...]
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+def training_phases(args: Args, plan: Plan) -> list[Phase]:
+    if args.scheme == "curriculum" and len(plan.phases) == 2 and args.curriculum_optimizer == "fresh":
+        first, last = plan.phases
+        return [Phase(0, first["steps"], lr_schedule([first]), AUDIO_FROZEN + ALWAYS_FROZEN),
+                Phase(first["steps"], last["steps"], lr_schedule([last]), ALWAYS_FROZEN)]
+    frozen = AUDIO_FROZEN + ALWAYS_FROZEN if args.scheme == "text-only" else ALWAYS_FROZEN
+    return [Phase(0, plan.total_steps, lr_schedule(plan.phases), frozen)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -633,7 +757,7 @@ class Evaluator:
     Multi-host: every process runs it on the same rows (host inputs count as replicated; the params are the
     global sharded arrays), and results are gathered to every host, so all processes agree on the numbers."""
 
-    def __init__(self, rows: list[dict], tok, config, dtype, batch: int = 8, max_new_tokens: int = 64):
+    def __init__(self, rows: list[dict], tok, config, dtype, max_new_tokens: int, batch: int = 8):
         self.rows, self.tok, self.config, self.dtype = rows, tok, config, dtype
         self.batch, self.max_new_tokens = batch, max_new_tokens
         import jax
@@ -645,6 +769,7 @@ class Evaluator:
         from model.checkpoint import host_array
         from model.generate import greedy_search
         from model import processor as P
+        from model.processor import ENDOFTEXT_ID as PAD_ID, round_up
         loss_sum = n_tok = correct = 0.0
         for start in range(0, len(self.rows), self.batch):
             chunk = self.rows[start:start + self.batch]
@@ -671,178 +796,331 @@ class Evaluator:
                 "dev_rows": len(self.rows)}
 
 
-def train(args: Args) -> dict:
-    maybe_init_distributed()
+@dataclass
+class RunMesh:
+    """The device mesh and the shardings every step uses."""
+    mesh: object
+    shape: dict                  # {"data", "fsdp", "tensor"}
+    micro_batch: int             # rows per micro-batch, over all devices
+    grad_accum: int
+    param_sh: dict               # parameter tree of NamedShardings
+    batch_sh: object             # [grad_accum, micro_batch, ...] arrays: rows over data x fsdp
+    replicated: object
+
+
+def make_run_mesh(args: Args, plan_batch: tuple[int, int], config) -> RunMesh:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import optax
-    import orbax.checkpoint as ocp
     from jax.sharding import NamedSharding, PartitionSpec
-    from tqdm import tqdm
-    from model.checkpoint import save_hf
-    from model.config import get_config
-    from model.manifest import atomic_write_text, read_manifest
     from model.qwen2_audio import abstract_params
     from model.sharding import LOGICAL_AXIS_RULES, make_mesh, param_shardings
-
-    is_main = jax.process_index() == 0
-    log = print if is_main else (lambda *a, **k: None)
-    run_dir = Path(args.run_dir or REPO / "runs" / args.scheme).absolute()
-    dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    compute_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[dtype]
-
-    # --- mesh, data plan -------------------------------------------------------------------------------------------
     data, fsdp, tensor = resolve_mesh_shape(args, jax.device_count())
     if data * fsdp * tensor < jax.device_count() and jax.process_count() > 1:
         raise InputError("with several processes the mesh must use every device")
     mesh = make_mesh(data, fsdp, tensor, devices=jax.devices()[:data * fsdp * tensor])
-    micro_batch = args.per_device_batch * data * fsdp
+    return RunMesh(mesh, {"data": data, "fsdp": fsdp, "tensor": tensor}, args.per_device_batch * data * fsdp,
+                plan_batch[1], param_shardings(mesh, abstract_params(config, jnp.float32)),
+                NamedSharding(mesh, nn.logical_to_mesh_axes((None, "batch"), LOGICAL_AXIS_RULES)),
+                NamedSharding(mesh, PartitionSpec()))
+
+
+def phase_optimizer(args: Args, phase: Phase, m: RunMesh):
+    """(AdamW, trainable shardings, frozen shardings, optimizer-state shardings) of one phase."""
+    import jax
+    import optax
+    tx = make_optimizer(args, phase.schedule)
+    train_sh, frozen_sh = split_params(m.param_sh, phase.frozen)
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct((), "float32"), train_sh)  # structure only
+    # Adam moments are sharded like their parameters; step counters are replicated.
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract), train_sh,
+                                   transform_non_params=lambda _: m.replicated)
+    return tx, train_sh, frozen_sh, opt_sh
+
+
+def result_settings(args: Args, plan: Plan, dtype: str) -> dict:
+    """Every setting that changes what the run computes; a resumed run must have the same ones."""
+    peak, last = resolve_lr(args)
+    settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in RESUMABLE}
+    settings.update(model=os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
+                    peak_lr=peak, last_epoch_peak_lr=last, compute_dtype=dtype, global_batch=plan.global_batch,
+                    plan_fingerprint=plan.fingerprint())
+    return json.loads(json.dumps(settings))  # tuples -> lists: the form the checkpoint stores
+
+
+def setting_name(key: str) -> str:
+    """A settings key as the user knows it: its flag, or what a derived setting stands for."""
+    derived = {"compute_dtype": "compute dtype (--dtype on this backend)", "global_batch": "global batch",
+               "plan_fingerprint": "data plan (the manifests' rows, scheme, seeds, epochs or batch)"}
+    return derived.get(key, "--" + key.replace("_", "-"))
+
+
+class RunDir:
+    """RUN_DIR: checkpoints/ (orbax: parameters, optimizer state, and a record of the settings), config.json (the
+    run's settings and resume history, written once the settings check passed), metrics.jsonl, hf/."""
+
+    def __init__(self, path: Path, args: Args, is_main: bool):
+        import orbax.checkpoint as ocp
+        self.path, self.is_main = path, is_main
+        self.ckpt = ocp.CheckpointManager(path / "checkpoints", options=ocp.CheckpointManagerOptions(
+            max_to_keep=args.keep_checkpoints, enable_async_checkpointing=False))
+        self.metrics = path / "metrics.jsonl"
+
+    def latest(self) -> tuple[int, dict | None]:
+        import orbax.checkpoint as ocp
+        step = self.ckpt.latest_step()
+        if step is None:
+            return 0, None
+        return step, self.ckpt.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def check_resume(self, step: int, meta: dict, settings: dict, args: Args) -> list[dict]:
+        """Refuses a resume whose result-changing settings differ from the checkpoint's (naming each one);
+        returns the run's history with this resume appended (the RESUMABLE flags it changed)."""
+        if "settings" not in meta:
+            raise InputError(f"{self.path}: its checkpoint (step {step}) was written by an older train.py that did "
+                             f"not record its settings, so a resume cannot be checked; use another --run-dir")
+        old = meta["settings"]
+        diff = [f"{setting_name(k)} {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
+                if old.get(k) != settings.get(k)]
+        if diff:
+            raise InputError(f"{self.path}: its checkpoint (step {step}) was made with other settings: "
+                             f"{'; '.join(diff)}. Rerun with the run's own settings (config.json) or use another "
+                             f"--run-dir")
+        now = json.loads(json.dumps(dataclasses.asdict(args)))
+        changed = {k: [meta["args"].get(k), now[k]] for k in RESUMABLE if meta["args"].get(k) != now[k]}
+        return meta.get("history", []) + [{"resumed_at_step": step, "changed": changed}]
+
+    def save(self, step: int, state: dict, meta: dict) -> None:
+        import orbax.checkpoint as ocp
+        self.ckpt.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                       force=True)
+        self.ckpt.wait_until_finished()
+
+    def restore(self, step: int, target: dict) -> dict:
+        import orbax.checkpoint as ocp
+        return self.ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+
+    def trim_metrics(self, step: int) -> None:
+        """Drop rows a killed run logged after its last checkpoint (they will be recomputed), and a torn last line
+        (the row being written at the kill)."""
+        if not self.is_main or not self.metrics.exists():
+            return
+        lines = self.metrics.read_text(encoding="utf-8", errors="replace").splitlines()
+        rows = []
+        for n, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if n < len(lines):
+                    raise InputError(f"{self.metrics}:{n}: not a JSON object; move the file away to resume")
+                print(f"train.py: warning: {self.metrics}:{n}: dropped a torn last line (the run was killed while "
+                      f"writing it)", file=sys.stderr)
+        from model.manifest import atomic_write_text
+        atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))
+
+    def log(self, row: dict) -> None:
+        if self.is_main:
+            with open(self.metrics, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def train(args: Args) -> dict:
+    check_model_choice(args)  # before anything is allocated
+    maybe_init_distributed()
+    import jax
+    import jax.numpy as jnp
+    from model.config import get_config
+    from model.manifest import atomic_write_text, read_manifest
+    from model.answer import MAX_NEW_TOKENS
+    from model.sharding import resolve_dtype
+
+    is_main = jax.process_index() == 0
+    log = print if is_main else (lambda *a, **k: None)
+    run_dir = Path(args.run_dir or REPO / "runs" / args.scheme).absolute()
+    dtype = resolve_dtype(args.dtype)
+
+    # --- the data plan, checked before any model work: manifests, batch, audio files ----------------------------
+    config = get_config(args.model)
+    data, fsdp, _ = resolve_mesh_shape(args, jax.device_count())
     sources, manifests = load_sources(args)
-    plan = build_plan(args, sources, manifests, global_batch_size(args, data * fsdp))
-    rows = [{r["id"]: r for r in m} for m in manifests]
-    fingerprint = plan.fingerprint()
-    schedule = lr_schedule(plan.phases)
+    batch = resolve_batch(args, data, fsdp)
+    plan = build_plan(args, sources, manifests, batch[0])
+    n_long = check_audio(plan, sources, manifests)
+    if n_long:
+        log(f"train.py: note: {n_long} of the recordings are longer than 30 s and are cut to their first 30 s, as "
+            f"Qwen2-Audio's processor does")
+    phases = training_phases(args, plan)
     total_steps = plan.total_steps if args.max_steps is None else min(plan.total_steps, args.max_steps)
 
-    # --- model, shardings, optimizer ----------------------------------------------------------------------------
-    config = get_config(args.model)
-    param_sh = param_shardings(mesh, abstract_params(config, jnp.float32))
-    hf_config, params, tok, tokenizer_dir = load_model(args, config, param_sh, jnp.float32)
-    trainable, frozen = split_params(params, args.scheme)
-    train_sh, frozen_sh = split_params(param_sh, args.scheme)
-    tx = make_optimizer(args, schedule)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shape = jax.eval_shape(tx.init, trainable)
-    # Adam moments are sharded like their parameters; step counters are replicated.
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shape, train_sh,
-                                   transform_non_params=lambda _: replicated)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
-    batch_sh = NamedSharding(mesh, nn.logical_to_mesh_axes((None, "batch"), LOGICAL_AXIS_RULES))
-    step_fn = jax.jit(make_train_step(config, tx, compute_dtype, args.remat),
-                      in_shardings=(train_sh, frozen_sh, opt_sh, batch_sh),
-                      out_shardings=(train_sh, opt_sh, replicated), donate_argnums=(0, 2))
-    loader = StepLoader(plan, rows, tok, args.grad_accum, micro_batch,
-                        local_batch_rows(batch_sh, (args.grad_accum, micro_batch)), args.length_bucket)
+    # --- the run directory: refuse a resume with other settings before loading anything ---------------------------
+    settings = result_settings(args, plan, dtype)
+    run = RunDir(run_dir, args, is_main)
+    start, meta = run.latest()
+    history = run.check_resume(start, meta, settings, args) if meta else []
 
-    # --- run directory: config.json, resume from the latest checkpoint ------------------------------------------
+    # --- mesh, model -----------------------------------------------------------------------------------------------
+    m = make_run_mesh(args, batch, config)
+    hf_config, params, tok, tokenizer_dir = load_model(args, config, m.param_sh, jnp.float32)
+    if meta:
+        params, opt_leaves = restore_state(run, start, meta, params, phases, args, m)
+        log(f"resumed from {run_dir}/checkpoints step {start} ({meta['epochs_done']} epochs done)")
+    else:
+        opt_leaves = None
     n_params = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))
-    settings = {"args": dataclasses.asdict(args), "compute_dtype": dtype, "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},
-                "devices": jax.device_count(), "processes": jax.process_count(), "micro_batch": micro_batch,
-                "global_batch": plan.global_batch, "total_steps": plan.total_steps, "plan_fingerprint": fingerprint,
-                "plan": {k: v for k, v in plan.to_json().items() if k != "speech_subset"},
-                "trainable_params": n_params(trainable), "frozen_params": n_params(frozen), "model_config": hf_config}
+    trainable, frozen = split_params(params, phases[-1].frozen)
+    record = {"args": dataclasses.asdict(args), "settings": settings, "history": history, "compute_dtype": dtype,
+              "mesh": m.shape, "devices": jax.device_count(), "processes": jax.process_count(),
+              "micro_batch": m.micro_batch, "grad_accum": m.grad_accum, "global_batch": plan.global_batch,
+              "total_steps": plan.total_steps, "plan_fingerprint": plan.fingerprint(),
+              "plan": {k: v for k, v in plan.to_json().items() if k != "speech_subset"},
+              "trainable_params": n_params(trainable), "frozen_params": n_params(frozen), "model_config": hf_config}
     if is_main:
-        atomic_write_text(run_dir / "config.json", json.dumps(settings, indent=2, ensure_ascii=False, default=str))
-    ckpt = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
-        max_to_keep=args.keep_checkpoints, enable_async_checkpointing=False))
-    abstract = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-
-    def save(step: int, epoch: int) -> None:
-        state = {"params": {**frozen, **trainable}, "opt_state": jax.tree.leaves(opt_state)}
-        meta = {"step": step, "epochs_done": epoch, "plan_fingerprint": fingerprint, "seed": args.seed,
-                "subset_seed": args.subset_seed, "data_position": list(plan.position(step)) if step < plan.total_steps
-                else [len(plan.epochs), 0]}
-        ckpt.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                  force=True)
-        ckpt.wait_until_finished()
-
-    start = 0
-    if ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
-        target = {"params": abstract({**frozen, **trainable}, {**frozen_sh, **train_sh}),
-                  "opt_state": jax.tree.leaves(abstract(opt_state, opt_sh))}
-        restored = ckpt.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                               meta=ocp.args.JsonRestore()))
-        if restored.meta["plan_fingerprint"] != fingerprint:
-            raise InputError(f"{run_dir}: its checkpoint was made with another data plan (manifests, scheme, seeds, "
-                             f"batch or epochs changed); use another --run-dir")
-        trainable, frozen = split_params(restored.state["params"], args.scheme)
-        opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), restored.state["opt_state"])
-        log(f"resumed from {run_dir}/checkpoints step {start} ({restored.meta['epochs_done']} epochs done)")
-    metrics_path = run_dir / "metrics.jsonl"
-    if is_main:  # drop rows a killed run logged after its last checkpoint: they will be recomputed
-        old = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        atomic_write_text(metrics_path, "".join(l + "\n" for l in old if json.loads(l).get("step", 0) <= start))
+        atomic_write_text(run_dir / "config.json", json.dumps(record, indent=2, ensure_ascii=False, default=str))
+    run.trim_metrics(start)
 
     dev_rows = []
     if args.dev_manifest and args.dev_manifest.lower() != "none" and args.eval_max_rows > 0:
         dev_rows = [r for r in read_manifest(find_path(args.dev_manifest)) if r["audio"] is None][:args.eval_max_rows]
     # every process evaluates the same rows (see Evaluator); process 0 logs
-    evaluator = Evaluator(dev_rows, tok, config, compute_dtype) if dev_rows else None
-
+    evaluator = Evaluator(dev_rows, tok, config, jnp.dtype(dtype), args.eval_max_new_tokens or MAX_NEW_TOKENS) \
+        if dev_rows else None
     log(f"{args.scheme}: {plan.total_steps} steps over {args.epochs} epochs, global batch {plan.global_batch} "
-        f"(micro-batch {micro_batch} x {args.grad_accum}), mesh data={data} fsdp={fsdp} tensor={tensor}, "
+        f"(micro-batch {m.micro_batch} x {m.grad_accum}), mesh data={data} fsdp={fsdp} tensor={m.shape['tensor']}, "
         f"{n_params(trainable):,} trainable / {n_params(frozen):,} frozen params")
-    # --- the loop ---------------------------------------------------------------------------------------------------
-    history, evals, t_start = [], [], time.time()
-    bar = tqdm(total=total_steps, initial=start, disable=not (is_main and args.progress), dynamic_ncols=True)
-    # Load (decode audio, tokenize) step s+1 on a thread while step s runs. Single process only: with several, the
-    # loader's length agreement is a collective and stays on the main thread.
-    prefetch = ThreadPoolExecutor(1) if jax.process_count() == 1 else None
-    pending = None
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        for step in range(start, total_steps):
-            epoch, in_epoch = plan.position(step)
-            t0 = time.time()
-            host_batch = pending.result() if pending is not None else loader(step)
-            pending = prefetch.submit(loader, step + 1) if prefetch and step + 1 < total_steps else None
-            batch = to_global(host_batch, batch_sh, micro_batch)
-            trainable, opt_state, m = step_fn(trainable, frozen, opt_state, batch)
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-                last = ckpt.latest_step()
-                if pending is not None:
-                    pending.cancel()
-                bar.close()
-                raise FloatingPointError(
-                    f"non-finite loss {m['loss']} (grad norm {m['grad_norm']}) at step {step + 1}, epoch {epoch + 1}; "
-                    f"stopped without saving. Last good checkpoint: "
-                    f"{'none' if last is None else run_dir / 'checkpoints' / str(last)}")
-            n_text, n_speech = loader.counts(step)
-            seconds = time.time() - t0
-            row = {"step": step + 1, "epoch": epoch + 1, "loss": m["loss"], "lr": float(schedule(step)),
-                   "n_text": n_text, "n_speech": n_speech, "tokens": int(m["tokens"]), "seconds": round(seconds, 4),
-                   "grad_norm": m["grad_norm"], "answer_tokens": int(m["answer_tokens"])}
-            history.append(row)
-            epoch_end = in_epoch == plan.epochs[epoch]["steps"] - 1
-            if epoch_end and evaluator is not None:
-                row.update(evaluator({**frozen, **trainable}))
-                evals.append({"epoch": epoch + 1, **{k: row[k] for k in ("dev_loss", "dev_intent_acc")}})
-                log(f"\nepoch {epoch + 1}: dev loss {row['dev_loss']:.4f}, intent accuracy {row['dev_intent_acc']:.3f}")
-            if is_main:
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{m['tokens'] / seconds:.0f}")
-            bar.update(1)
-            if epoch_end or (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
-                save(step + 1, epoch + 1 if epoch_end else epoch)
-    bar.close()
 
-    params = {**frozen, **trainable}
+    # --- the loop, phase by phase ----------------------------------------------------------------------------------
+    loader = StepLoader(plan, [{r["id"]: r for r in rows} for rows in manifests], tok, m.grad_accum, m.micro_batch,
+                        local_batch_rows(m.batch_sh, (m.grad_accum, m.micro_batch)), args.length_bucket)
+    context = dict(args=args, plan=plan, run=run, m=m, config=config, dtype=dtype, loader=loader,
+                   evaluator=evaluator, settings=settings, history=history, log=log)
+    t_start, ran, opt_size = time.time(), [], 0
+    for k, phase in enumerate(phases):
+        if phase.end <= start or phase.start >= total_steps:
+            continue
+        resume_leaves = opt_leaves if start > phase.start else None  # a resume inside this phase
+        params, rows, opt_size = train_phase(k, phase, params, resume_leaves, max(start, phase.start),
+                                             min(total_steps, phase.end), **context)
+        ran += rows
+
+    # --- export, summary -------------------------------------------------------------------------------------------
     done = total_steps == plan.total_steps
-    hf_dir = run_dir / "hf"
-    if args.export:  # also when --max-steps stopped the run early: that model can be decoded; a resume re-exports
-        with tempfile.TemporaryDirectory() as tmp:
-            extra = tokenizer_dir
-            if extra is None:  # a preset: write the tokenizer we trained with beside the weights
-                tok.save(str(Path(tmp) / "tokenizer.json"))
-                extra = tmp
-            # Every process gathers leaf by leaf (multi-host); process 0 writes.
-            save_hf(params, hf_config, hf_dir, extra_files_from=extra, write=is_main)
-    elapsed = time.time() - t_start
-    ran = [h for h in history]
+    if args.export:  # also when --max-steps stopped the run early (the record says so); a resume re-exports
+        export(params, hf_config, tok, tokenizer_dir, run_dir / "hf", is_main, {
+            "finished": done, "steps": total_steps, "planned_steps": plan.total_steps, "settings": settings,
+            "history": history})
+    evals = [{"epoch": h["epoch"], "dev_loss": h["dev_loss"], "dev_intent_acc": h["dev_intent_acc"]}
+             for h in ran if "dev_loss" in h]
     summary = {"scheme": args.scheme, "run_dir": str(run_dir), "steps": total_steps, "planned_steps": plan.total_steps,
                "resumed_from": start, "first_loss": ran[0]["loss"] if ran else None,
-               "last_loss": ran[-1]["loss"] if ran else None, "seconds": round(elapsed, 1),
+               "last_loss": ran[-1]["loss"] if ran else None, "seconds": round(time.time() - t_start, 1),
                "tokens_per_s": round(sum(h["tokens"] for h in ran) / max(sum(h["seconds"] for h in ran), 1e-9), 1),
                "n_speech_seen": sum(h["n_speech"] for h in ran), "n_text_seen": sum(h["n_text"] for h in ran),
-               "opt_state_size": n_params(opt_state), "evals": evals, "hf_export": str(hf_dir) if args.export else None,
-               "finished": done,
+               "opt_state_size": opt_size, "evals": evals,
+               "hf_export": str(run_dir / "hf") if args.export else None, "finished": done,
                "losses": [h["loss"] for h in ran]}
     log("summary: " + json.dumps({k: v for k, v in summary.items() if k != "losses"}))
     summary["params"] = params  # for callers in Python (tests, notebooks); not printed
     return summary
+
+
+def restore_state(run: RunDir, start: int, meta: dict, params: dict, phases: list[Phase], args: Args, m: RunMesh):
+    """(parameters, optimizer-state leaves) of checkpoint `start`. The optimizer state has the shape of the phase
+    it was saved in; a checkpoint at a phase boundary holds the finished phase's, which the next phase drops."""
+    import jax
+    tx, train_sh, _, opt_sh = phase_optimizer(args, phases[meta["phase"]], m)
+    abstract = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+    trainable, _ = split_params(params, phases[meta["phase"]].frozen)
+    opt_shape = jax.eval_shape(tx.init, trainable)
+    state = run.restore(start, {"params": abstract(params, m.param_sh),
+                                "opt_state": jax.tree.leaves(abstract(opt_shape, opt_sh))})
+    return state["params"], state["opt_state"]
+
+
+def train_phase(k: int, phase: Phase, params: dict, opt_leaves: list | None, first: int, stop: int, *, args: Args,
+                plan: Plan, run: RunDir, m: RunMesh, config, dtype: str, loader: StepLoader, evaluator, settings: dict,
+                history: list, log) -> tuple[dict, list[dict], int]:
+    """Optimizer steps [first, stop) of phase k -> (parameters, metrics rows, optimizer-state size)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+    from model.sharding import LOGICAL_AXIS_RULES
+    tx, train_sh, frozen_sh, opt_sh = phase_optimizer(args, phase, m)
+    trainable, frozen = split_params(params, phase.frozen)
+    if opt_leaves is None:
+        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+    else:
+        opt_state = jax.tree.unflatten(jax.tree.structure(jax.eval_shape(tx.init, trainable)), opt_leaves)
+    step_fn = jax.jit(make_train_step(config, tx, jnp.dtype(dtype), args.remat),
+                      in_shardings=(train_sh, frozen_sh, opt_sh, m.batch_sh),
+                      out_shardings=(train_sh, opt_sh, m.replicated), donate_argnums=(0, 2))
+
+    def save(step: int, epochs_done: int) -> None:
+        state = {"params": merge_params(frozen, trainable), "opt_state": jax.tree.leaves(opt_state)}
+        run.save(step, state, {"step": step, "epochs_done": epochs_done, "phase": k, "settings": settings,
+                               "args": json.loads(json.dumps(dataclasses.asdict(args))), "history": history,
+                               "plan_fingerprint": plan.fingerprint(), "seed": args.seed, "subset_seed": args.subset_seed,
+                               "data_position": list(plan.position(step)) if step < plan.total_steps
+                               else [len(plan.epochs), 0]})
+
+    rows = []
+    bar = tqdm(total=stop - first, disable=not (run.is_main and args.progress), dynamic_ncols=True)
+    # Load (decode audio, tokenize) step s+1 on a thread while step s runs. Single process only: with several, the
+    # loader's length agreement is a collective and stays on the main thread.
+    prefetch = ThreadPoolExecutor(1) if jax.process_count() == 1 else None
+    pending = None
+    with jax.set_mesh(m.mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        for step in range(first, stop):
+            epoch, in_epoch = plan.position(step)
+            t0 = time.time()
+            host_batch = pending.result() if pending is not None else loader(step)
+            pending = prefetch.submit(loader, step + 1) if prefetch and step + 1 < stop else None
+            batch = to_global(host_batch, m.batch_sh, m.micro_batch)
+            trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch)
+            metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                if pending is not None:
+                    pending.cancel()
+                bar.close()
+                last = run.ckpt.latest_step()
+                raise FloatingPointError(
+                    f"non-finite loss {metrics['loss']} (grad norm {metrics['grad_norm']}) at step {step + 1}, epoch "
+                    f"{epoch + 1}; stopped without saving. Last good checkpoint: "
+                    f"{'none' if last is None else run.path / 'checkpoints' / str(last)}")
+            n_text, n_speech = loader.counts(step)
+            seconds = time.time() - t0
+            row = {"step": step + 1, "epoch": epoch + 1, "phase": k + 1, "loss": metrics["loss"],
+                   "lr": float(phase.schedule(step - phase.start)), "n_text": n_text, "n_speech": n_speech,
+                   "tokens": int(metrics["tokens"]), "seconds": round(seconds, 4), "grad_norm": metrics["grad_norm"],
+                   "answer_tokens": int(metrics["answer_tokens"])}
+            epoch_end = in_epoch == plan.epochs[epoch]["steps"] - 1
+            if epoch_end and evaluator is not None:
+                row.update(evaluator(merge_params(frozen, trainable)))
+                log(f"\nepoch {epoch + 1}: dev loss {row['dev_loss']:.4f}, intent accuracy {row['dev_intent_acc']:.3f}")
+            rows.append(row)
+            run.log(row)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                            tok_s=f"{metrics['tokens'] / seconds:.0f}")
+            bar.update(1)
+            if epoch_end or (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == stop:
+                save(step + 1, epoch + 1 if epoch_end else epoch)
+    bar.close()
+    return merge_params(frozen, trainable), rows, int(sum(x.size for x in jax.tree.leaves(opt_state)))
+
+
+def export(params: dict, hf_config: dict, tok, tokenizer_dir: str | None, hf_dir: Path, is_main: bool,
+           training_run: dict) -> None:
+    """RUN_DIR/hf: the model in Hugging Face format, with the tokenizer and training_run.json (finished or stopped
+    by --max-steps, and the settings), all renamed into place together. Every process gathers leaf by leaf
+    (multi-host); process 0 writes."""
+    from model.checkpoint import TRAINING_RUN_FILE, save_hf
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = tokenizer_dir
+        if extra is None:  # a preset: write the tokenizer we trained with beside the weights
+            tok.save(str(Path(tmp) / "tokenizer.json"))
+            extra = tmp
+        save_hf(params, hf_config, hf_dir, extra_files_from=extra, write=is_main,
+                extra_json={TRAINING_RUN_FILE: training_run})
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -18,6 +18,10 @@ Memory. A 7B checkpoint is ~16 GB in bf16, so neither direction holds the model 
 preallocates one stacked leaf, fills it layer by layer from memory-mapped safetensors, moves it to the devices
 and drops the host copy before the next leaf; saving gathers one leaf at a time and writes a shard as soon as
 it is full.
+
+Processor files. An export that carries a tokenizer is completed into what the hub directory
+Qwen/Qwen2-Audio-7B-Instruct holds (feature-extractor config, tokenizer config with the special tokens, chat
+template, generation config), so transformers' AutoProcessor and serving engines load it like the real download.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,16 +41,59 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from model import processor as P
+from model.generate import EOS_IDS, PAD_ID
+from model.manifest import apply_umask
+
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_PATTERN = "model-{:05d}-of-{:05d}.safetensors"  # HF's shard names, 1-based
 
+# The processor files save_hf generates when the tokenizer's directory lacks them (see `processor_files`).
+PREPROCESSOR_FILE = "preprocessor_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_CONFIG_FILE = "generation_config.json"
+PROCESSOR_CONFIG_FILE = "processor_config.json"  # transformers 5's processor file (feature extractor inside)
+LEGACY_CHAT_TEMPLATE_FILE = "chat_template.json"
+# What train.py writes beside the weights of RUN_DIR/hf (via save_hf's extra_json): {"finished": bool, "steps",
+# "planned_steps", "settings", "history"}. infer.py warns on an unfinished run; grid.py reuses finished ones only.
+TRAINING_RUN_FILE = "training_run.json"
 # Files of a model directory that are not weights; save_hf copies those present in `extra_files_from`.
 EXTRA_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
-    "special_tokens_map.json", "preprocessor_config.json", "processor_config.json",
-    "chat_template.json", "chat_template.jinja", "generation_config.json",
+    "tokenizer.json", TOKENIZER_CONFIG_FILE, "vocab.json", "merges.txt", "added_tokens.json",
+    "special_tokens_map.json", PREPROCESSOR_FILE, PROCESSOR_CONFIG_FILE,
+    LEGACY_CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE,
+)
+
+# Qwen2AudioProcessor's default chat template (transformers' processing_qwen2_audio.py); processor.build_prompt
+# is its rendering for a system turn and one user turn.
+CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if 'audio' in content or 'audio_url' in content or message['type'] == 'audio'"
+    " or content['type'] == 'audio' %}"
+    "{% set audio_count.value = audio_count.value + 1 %}"
+    "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "{% elif 'text' in content %}"
+    "{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n"
+    "{% endif %}"
 )
 
 # In-memory (transformers 5.x state_dict) prefix -> on-disk (hub) prefix. Order matters: the longest first.
@@ -290,9 +338,132 @@ def _split_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[li
     return shards
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _json_text(obj: Any) -> str:
     # HF writes its JSON files like this (sorted keys, 2-space indent, trailing newline).
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(_json_text(obj))
+
+
+# ---- processor files ------------------------------------------------------------------------------------------
+
+
+def preprocessor_config() -> dict:
+    """WhisperFeatureExtractor's settings for model/processor.py's log-mel front end, as the hub directory
+    writes them (the processor always asks for the attention mask: it counts the audio tokens from it)."""
+    return {
+        "chunk_length": P.CHUNK_SAMPLES // P.SAMPLE_RATE, "feature_extractor_type": "WhisperFeatureExtractor",
+        "feature_size": P.N_MELS, "hop_length": P.HOP_LENGTH, "n_fft": P.N_FFT, "n_samples": P.CHUNK_SAMPLES,
+        "nb_max_frames": P.CHUNK_FRAMES, "padding_side": "right", "padding_value": 0.0,
+        "processor_class": "Qwen2AudioProcessor", "return_attention_mask": True, "sampling_rate": P.SAMPLE_RATE,
+    }
+
+
+def tokenizer_config() -> dict:
+    """The hub's tokenizer settings: the special tokens at their ids, <|im_end|> ends a turn, <|endoftext|> pads,
+    no BOS; the tokenizer itself is tokenizer.json (or vocab.json + merges.txt) beside it."""
+    added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                      "special": True} for t, i in P.SPECIAL_TOKENS.items()}
+    return {
+        "add_prefix_space": False, "added_tokens_decoder": added,
+        "additional_special_tokens": [t for t in P.SPECIAL_TOKENS if t != P.ENDOFTEXT],
+        "bos_token": None, "clean_up_tokenization_spaces": False, "eos_token": P.IM_END, "errors": "replace",
+        "pad_token": P.ENDOFTEXT, "processor_class": "Qwen2AudioProcessor", "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+    }
+
+
+def generation_config() -> dict:
+    """Greedy by default (the hub's file samples), stopping where model/generate.py stops. infer.py and
+    train.py's evaluation never read it: they decode with their own settings."""
+    return {"do_sample": False, "num_beams": 1, "eos_token_id": list(EOS_IDS), "pad_token_id": PAD_ID}
+
+
+def _has_chat_template(source: Path) -> bool:
+    if (source / CHAT_TEMPLATE_FILE).is_file() or (source / LEGACY_CHAT_TEMPLATE_FILE).is_file():
+        return True
+    for name in (TOKENIZER_CONFIG_FILE, PROCESSOR_CONFIG_FILE):  # older exports keep it inside these
+        path = source / name
+        if path.is_file():
+            try:
+                if "chat_template" in json.loads(path.read_text(encoding="utf-8")):
+                    return True
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON: {e}") from e
+    return False
+
+
+def _check_token_ids(hf_config: dict, source: Path) -> None:
+    """The generated files state the special-token ids; refuse a tokenizer or a config that has others."""
+    tok = P.load_tokenizer(source)
+    wrong = {t: tok.token_to_id(t) for t, i in P.SPECIAL_TOKENS.items() if tok.token_to_id(t) != i}
+    if wrong:
+        raise ValueError(f"{source}: the tokenizer gives the special tokens the ids {wrong}; Qwen2-Audio's are "
+                         f"{P.SPECIAL_TOKENS}")
+    audio_id = hf_config.get("audio_token_index", P.AUDIO_TOKEN_ID)  # transformers' default is the same id
+    if audio_id != P.AUDIO_TOKEN_ID:
+        raise ValueError(f"config.json: audio_token_index is {audio_id}, but the tokenizer's {P.AUDIO_TOKEN} is "
+                         f"{P.AUDIO_TOKEN_ID}")
+
+
+def processor_files(hf_config: dict, source: Path | None) -> dict[str, str]:
+    """{file name: text} of the processor files `source` lacks, so that a directory holding its files is a
+    checkpoint transformers' AutoProcessor loads. Nothing when `source` has no tokenizer (tokenizer.json, or
+    vocab.json + merges.txt): without one there is no processor to describe."""
+    def has(name: str) -> bool:
+        return source is not None and (source / name).is_file()
+
+    if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
+        return {}
+    files = {}
+    if not (has(PREPROCESSOR_FILE) or has(PROCESSOR_CONFIG_FILE)):
+        files[PREPROCESSOR_FILE] = _json_text(preprocessor_config())
+    if not has(TOKENIZER_CONFIG_FILE):
+        files[TOKENIZER_CONFIG_FILE] = _json_text(tokenizer_config())
+    if not _has_chat_template(source):
+        files[CHAT_TEMPLATE_FILE] = CHAT_TEMPLATE
+    if not has(GENERATION_CONFIG_FILE):
+        files[GENERATION_CONFIG_FILE] = _json_text(generation_config())
+    if files:
+        _check_token_ids(hf_config, source)
+    return files
+
+
+def _extra_json_texts(extra_json: dict[str, Any] | None) -> dict[str, str]:
+    """save_hf's extra_json as {file name: text}, checked before any tensor is gathered."""
+    texts = {}
+    for name, obj in (extra_json or {}).items():
+        if not isinstance(name, str) or not name.endswith(".json") or Path(name).name != name:
+            raise ValueError(f"extra_json: {name!r} is not a plain file name ending in .json")
+        if name in (CONFIG_NAME, INDEX_FILE, *EXTRA_FILES):
+            raise ValueError(f"extra_json: {name!r} is a file of the export itself")
+        try:
+            texts[name] = _json_text(obj)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"extra_json[{name!r}]: not JSON-serialisable: {e}") from e
+    return texts
+
+
+# ---- save -----------------------------------------------------------------------------------------------------
+
+
+def _remove_stale(out_dir: Path) -> None:
+    """Delete what a killed save_hf of out_dir left beside it: .NAME.tmp-* (an export being written) and
+    .NAME.old-* (the previous export, set aside during the swap). A kill between the swap's two renames left
+    no out_dir, and the previous export in .NAME.old-*/NAME: it is put back first. Only the one writing
+    process calls this, before it creates its own temp dir (a second writer of the same out_dir at the same
+    time is not supported: its swap would race with ours anyway)."""
+    # mkdtemp appends 8 characters from [a-z0-9_]; matching them exactly leaves e.g. `.hf.tmp-x.tmp-*`
+    # (the temp dir of an export named `hf.tmp-x`) alone.
+    stale = re.compile(re.escape(f".{out_dir.name}.") + r"(tmp|old)-[a-z0-9_]{8}")
+    found = {p: m[1] for p in sorted(out_dir.parent.iterdir()) if (m := stale.fullmatch(p.name)) and p.is_dir()}
+    for p, kind in found.items():
+        if kind == "old" and not out_dir.exists() and (p / out_dir.name).is_dir():
+            os.rename(p / out_dir.name, out_dir)
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def host_array(x) -> np.ndarray:
@@ -305,11 +476,17 @@ def host_array(x) -> np.ndarray:
 
 
 def save_hf(params: dict, hf_config: dict, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
-            extra_files_from: str | os.PathLike | None = None, write: bool = True) -> Path:
+            extra_files_from: str | os.PathLike | None = None, write: bool = True,
+            extra_json: dict[str, Any] | None = None) -> Path:
     """Write params as a Hugging Face directory that transformers' from_pretrained loads.
 
     Tensors keep the dtype of their leaf. The directory is built under a temporary name beside out_dir and
-    renamed into place only when complete; an existing out_dir is replaced at that point, never before.
+    renamed into place only when complete; an existing out_dir is replaced at that point, never before. What
+    an earlier, killed save_hf of the same out_dir left behind is removed first.
+
+    extra_files_from: a directory whose tokenizer / processor / generation files (EXTRA_FILES) are copied;
+    when it holds a tokenizer, the processor files it lacks are generated (see `processor_files`).
+    extra_json: {file name: JSON object} written into the directory too (so they appear with the weights).
 
     Multi-host: every process calls this with its (globally sharded) params. Tensors are gathered one at a
     time (one layer of a stacked leaf), so a host holds one shard file's worth (5 GB by default) plus one
@@ -332,9 +509,17 @@ def save_hf(params: dict, hf_config: dict, out_dir: str | os.PathLike, max_shard
             plan.append((name, leaf, i if leaf.layers else -1))
             sizes.append((name, numel * np.dtype(x.dtype).itemsize))
             total_params += numel
+
     def host_tensor(leaf: Leaf, layer: int) -> np.ndarray:  # one layer of a stacked leaf at a time
         x = _subtree(params, leaf.path, "params")
         return host_array(x[layer] if layer >= 0 else x)
+
+    # Every process checks the other files before the first gather, so bad input stops all of them at once.
+    source = None if extra_files_from is None else Path(extra_files_from)
+    if source is not None and not source.is_dir():
+        raise FileNotFoundError(f"extra_files_from: {source} is not a directory")
+    copied = [] if source is None else [source / f for f in EXTRA_FILES if (source / f).is_file()]
+    texts = {**processor_files(hf_config, source), **_extra_json_texts(extra_json)}
 
     if not write:
         for _, leaf, layer in plan:  # the writer's gathers, in the writer's order
@@ -346,6 +531,7 @@ def save_hf(params: dict, hf_config: dict, out_dir: str | os.PathLike, max_shard
     file_of = {name: names[k] for k, shard in enumerate(shards) for name in shard}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         _write_json(tmp / CONFIG_NAME, hf_config)
@@ -362,11 +548,13 @@ def save_hf(params: dict, hf_config: dict, out_dir: str | os.PathLike, max_shard
                 "metadata": {"total_parameters": total_params, "total_size": sum(s for _, s in sizes)},
                 "weight_map": file_of,
             })
-        if extra_files_from is not None:
-            for fname in EXTRA_FILES:
-                src = Path(extra_files_from) / fname
-                if src.is_file():
-                    shutil.copyfile(src, tmp / fname)
+        for src in copied:
+            shutil.copyfile(src, tmp / src.name)
+        for name, text in texts.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        # mkdtemp's 0700 and safetensors' 0600 would survive the rename: make them like any other output.
+        for path in (tmp, *tmp.iterdir()):
+            apply_umask(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

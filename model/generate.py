@@ -31,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import qwen2_audio
+from model.processor import ENDOFTEXT_ID, IM_END_ID
 
 # generation_config.eos_token_id of Qwen2-Audio-7B-Instruct: <|im_end|> ends a chat turn, <|endoftext|> a text.
-EOS_IDS: tuple[int, ...] = (151645, 151643)
-PAD_ID = 151643  # <|endoftext|>; fills the positions after a row's eos
+EOS_IDS: tuple[int, ...] = (IM_END_ID, ENDOFTEXT_ID)
+PAD_ID = ENDOFTEXT_ID  # fills the positions after a row's eos
 NEG_INF = -1.0e9  # transformers' "impossible" score; the same constant keeps ties and sums identical
 
 

@@ -74,3 +74,11 @@ def param_shardings(mesh: Mesh, abstract_boxed, rules=LOGICAL_AXIS_RULES):
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batch-major inputs ([B, ...]): rows split over data x fsdp, everything else replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def resolve_dtype(name: str) -> str:
+    """--dtype auto: bfloat16 (the paper) on GPU/TPU, float32 on a CPU, where XLA emulates bf16 matmuls slowly and
+    greedy outputs drift from the fp32 reference at near-ties."""
+    if name != "auto":
+        return name
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"

@@ -6,6 +6,7 @@ hide a mix-up between layers or between scale and bias).
 """
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -392,3 +393,88 @@ def test_hf_dir_loaded_by_load_hf_gives_transformers_logits_through_our_forward(
     ours = fwd(params, config, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(feats[:, :, :200]),
                jnp.asarray([frames]))
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------- permissions, leftovers, extra JSON files
+
+
+def disk_full(tensors, filename, metadata=None):
+    """A save_file that fails like a full disk."""
+    raise OSError("disk full")
+
+
+def test_export_gets_the_umask_permissions_not_the_temp_dirs_0700(hf_dirs, tmp_path):
+    config, params = load_hf(hf_dirs["single"])
+    previous = os.umask(0o027)
+    try:
+        out = save_hf(params, config, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o750  # readable by the group like a plain mkdir's folder
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o640}
+
+
+def test_folders_a_killed_export_left_behind_are_removed_by_the_next_export(hf_dirs, tmp_path):
+    # What save_hf's own mkdtemp calls leave when the process dies before its cleanup runs.
+    config, params = load_hf(hf_dirs["single"])
+    out = save_hf(params, config, tmp_path / "hf")
+    half_written = Path(tempfile.mkdtemp(prefix=".hf.tmp-", dir=tmp_path))
+    (half_written / "model.safetensors").write_bytes(b"partial")
+    set_aside = Path(tempfile.mkdtemp(prefix=".hf.old-", dir=tmp_path))
+    (set_aside / "hf").mkdir()
+    # Not ours: another export's temp dir whose name begins like ours, and another export's leftovers.
+    other_export = Path(tempfile.mkdtemp(prefix=".hf.tmp-x.tmp-", dir=tmp_path))
+    other_name = Path(tempfile.mkdtemp(prefix=".hf2.tmp-", dir=tmp_path))
+    save_hf(params, config, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hf", other_export.name, other_name.name])
+    assert_same_tensors(read_tensors(hf_dirs["single"]), read_tensors(out))
+
+
+def test_an_export_killed_between_the_swap_renames_is_restored_when_the_next_export_fails(hf_dirs, tmp_path,
+                                                                                         monkeypatch):
+    # The swap renames hf -> .hf.old-*/hf, then the new temp dir -> hf: a kill in between leaves no hf at all.
+    config, params = load_hf(hf_dirs["single"])
+    set_aside = Path(tempfile.mkdtemp(prefix=".hf.old-", dir=tmp_path))
+    save_hf(params, config, set_aside / "hf")
+    (set_aside / "hf" / "marker.txt").write_text("the previous export")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        save_hf(params, config, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert (tmp_path / "hf" / "marker.txt").read_text() == "the previous export"
+    assert_same_tensors(read_tensors(hf_dirs["single"]), read_tensors(tmp_path / "hf"))
+
+
+def test_extra_json_files_are_written_with_the_weights_and_replaced_only_with_them(hf_dirs, tmp_path, monkeypatch):
+    config, params = load_hf(hf_dirs["single"])
+    record = {"scheme": "direct", "steps": 3, "finished": True, "losses": [2.5, 1.25]}
+    out = save_hf(params, config, tmp_path / "hf", extra_json={"training_run.json": record})
+    assert json.loads((out / "training_run.json").read_text()) == record
+
+    real_save_file = checkpoint.save_file
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        save_hf(params, config, out, extra_json={"training_run.json": {**record, "steps": 4}})
+    assert json.loads((out / "training_run.json").read_text()) == record  # no record without its weights
+
+    monkeypatch.setattr(checkpoint, "save_file", real_save_file)
+    save_hf(params, config, out, extra_json={"training_run.json": {**record, "steps": 4}})
+    assert json.loads((out / "training_run.json").read_text())["steps"] == 4
+
+
+@pytest.mark.parametrize("extra_json, message", [
+    ({"config.json": {}}, r"'config\.json' is a file of the export itself"),
+    ({"tokenizer_config.json": {}}, r"'tokenizer_config\.json' is a file of the export itself"),
+    ({"../run.json": {}}, r"'\.\./run\.json' is not a plain file name ending in \.json"),
+    ({"run.txt": {}}, r"'run\.txt' is not a plain file name"),
+    ({"run.json": {"when": object()}}, r"extra_json\['run\.json'\]: not JSON-serialisable"),
+], ids=["model_config", "tokenizer_config", "path", "not_json_name", "not_serialisable"])
+def test_bad_extra_json_is_refused_before_anything_is_gathered_or_written(hf_dirs, tmp_path, monkeypatch,
+                                                                          extra_json, message):
+    config, params = load_hf(hf_dirs["single"])
+    gathered = []
+    monkeypatch.setattr(checkpoint, "host_array", lambda x: gathered.append(x))
+    with pytest.raises(ValueError, match=message):
+        save_hf(params, config, tmp_path / "hf", extra_json=extra_json)
+    assert gathered == [] and list(tmp_path.iterdir()) == []

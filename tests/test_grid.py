@@ -3,11 +3,15 @@
 Fast tests check the command lines (--dry-run) and each cross-lingual setting's --train-manifest entries, read
 back through train.py's own parser and epoch plan. The slow test runs a reduced grid for real (tiny model, a
 4-utterance corpus cut from data/demo, text-only + direct + oracle, one fraction, two seeds) and checks the
-layout, that a rerun skips every finished cell, that deleting one pred.jsonl redoes only that cell, and that the
-report's numbers are score.py's on the same prediction files.
+layout and the commands each cell records, that a rerun skips every finished cell and a rerun with other settings
+refuses, that deleting one pred.jsonl redoes only that cell, and that the report's numbers are score.py's on the
+same prediction files. Fast tests also drive the rerun rules with stand-ins for the stage scripts (which changes
+refuse, what --redo-changed redoes), and dry runs of docs/EXPERIMENTS.md's own command lines enumerate Table 3's 22 rows
+and Fig. 2's eleven targets.
 """
 import csv
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -17,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 import grid
+from model.answer import MAX_NEW_TOKENS
 import report
 import score
 import train
@@ -33,6 +38,10 @@ def _dry_run(capsys, *argv):
 
 def _flag(cmd, name):
     return cmd[cmd.index(name) + 1]
+
+
+def _script(cmd):
+    return Path(cmd[1]).name
 
 
 def _entries(cmd):
@@ -97,12 +106,26 @@ def test_dry_run_without_oracle_or_text_only_has_neither(capsys, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--corpus-dir", "c", "--", "--seed", "4"], "--seed after `--`"),
     (["--corpus-dir", "c", "--", "--train_manifest=x"], "--train-manifest after `--`"),
+    (["--corpus-dir", "c", "--", "--dry-run"], "--dry-run after `--`: grid.py's own flag(s)"),
+    (["--corpus-dir", "c", "--", "--per-device-batch", "2", "--redo-changed"], "--redo-changed after `--`"),
     (["--corpus-dir", "c", "--oracle", "--schemes", "direct"], "keep text-only"),
     (["--corpus-dir", "c", "--fractions", "0"], "--fractions: 0 is not in (0, 1]"),
     (["--corpus-dir", "c", "--fractions", "1.5"], "--fractions: 1.5 is not in (0, 1]"),
+    (["--setting", "few-shot-T", "--source-dir", "s", "--target-dirs", "t", "--fractions", "0"],
+     "0 is a fraction only in a setting with target speech"),
     (["--setting", "few-shot-T", "--target-dirs", "t"], "needs --source-dir"),
+    (["--setting", "no-source-T", "--source-dir", "s", "--target-dirs", "t"], "uses no source data"),
+    (["--setting", "no-source-T+S", "--target-dirs", "t", "--fractions", "0.5"], "no source speech"),
+    (["--setting", "no-source-T", "--target-dirs", "t", "--schemes", "curriculum"], "has no speech for it"),
     (["--setting", "few-shot-T+M", "--source-dir", "s", "--target-dirs", "t"], "needs --massive-dir"),
+    (["--setting", "few-shot-T", "--source-dir", "s", "--target-dirs", "t", "--massive-dir", "m"],
+     "uses no MASSIVE text"),
     (["--setting", "zero-shot", "--source-dir", "s"], "needs --target-dirs"),
+    (["--setting", "zero-shot", "--source-dir", "s", "--target-dirs", "t", "--per-target"], "one model serves"),
+    (["--setting", "no-source-T+M", "--target-dirs", "a/de", "b/de", "--massive-dir", "m", "m2", "--per-target"],
+     "these names repeat"),
+    (["--setting", "no-source-T+M", "--target-dirs", "de", "es", "--massive-dir", "m", "--per-target"],
+     "got 2 and 1"),
     (["--source-dir", "s"], "give --corpus-dir"),
 ])
 def test_contradictory_flags_are_an_error_naming_the_flag(capsys, tmp_path, argv, message):
@@ -144,45 +167,74 @@ def xl(tmp_path):
     return tmp_path
 
 
-# setting -> per manifest in order: (folder, transcripts used, speech rows used at p = 0.5)
+# setting -> the last training of its default schemes at p = 0.5 (p0 without a source): its scheme and, per
+# manifest in order, (folder, transcripts used, speech rows used)
 EXPECTED = {
-    "zero-shot": [("src", 20, 10)],
-    "few-shot-T": [("src", 20, 10), ("de", 5, 0), ("es", 5, 0)],
-    "few-shot-TS": [("src", 20, 10), ("de", 5, 10), ("es", 5, 10)],
-    "few-shot-T+M": [("src", 20, 10), ("de", 5, 0), ("es", 5, 0), ("mas", 30, 0)],
-    "no-source": [("de", 5, 5), ("es", 5, 5)],
+    "zero-shot": ("curriculum", [("src", 20, 10)]),
+    "few-shot-T": ("curriculum", [("src", 20, 10), ("de", 5, 0), ("es", 5, 0)]),
+    "few-shot-T+S": ("curriculum", [("src", 20, 10), ("de", 5, 10), ("es", 5, 10)]),
+    "few-shot-T+M": ("curriculum", [("src", 20, 10), ("de", 5, 0), ("es", 5, 0), ("mas", 30, 0)]),
+    "few-shot-T+S+M": ("curriculum", [("src", 20, 10), ("de", 5, 10), ("es", 5, 10), ("mas", 30, 0)]),
+    "no-source-T": ("text-only", [("de", 5, 0), ("es", 5, 0)]),
+    "no-source-T+S": ("curriculum", [("de", 5, 10), ("es", 5, 10)]),
+    "no-source-T+M": ("text-only", [("de", 5, 0), ("es", 5, 0), ("mas", 30, 0)]),
+    "no-source-T+S+M": ("curriculum", [("de", 5, 10), ("es", 5, 10), ("mas", 30, 0)]),
 }
+
+
+def _xl_argv(xl, setting, *extra):
+    argv = ["--grid", str(xl / "g"), "--setting", setting, "--target-dirs", str(xl / "de"), str(xl / "es"),
+            "--seeds", "0", *extra]
+    if grid.SETTINGS[setting].source:
+        argv += ["--source-dir", str(xl / "src"), "--fractions", "0.5"]
+    if grid.SETTINGS[setting].massive:
+        argv += ["--massive-dir", str(xl / "mas")]
+    return argv
 
 
 @pytest.mark.parametrize("setting", grid.SETTINGS)
 def test_setting_trains_on_the_documented_manifests_per_train_py_plan(capsys, xl, setting):
-    argv = ["--grid", str(xl / "g"), "--setting", setting, "--target-dirs", str(xl / "de"), str(xl / "es"),
-            "--fractions", "0.5", "--seeds", "0", "--schemes", "text-only", "direct", "--oracle"]
-    if setting != "no-source":
-        argv += ["--source-dir", str(xl / "src")]
-    if setting == "few-shot-T+M":
-        argv += ["--massive-dir", str(xl / "mas")]
-    cmds = _dry_run(capsys, *argv)
-    direct = next(c for c in cmds if c[1].endswith("train.py") and _flag(c, "--scheme") == "direct")
-    text_only = next(c for c in cmds if c[1].endswith("train.py") and _flag(c, "--scheme") == "text-only")
+    cmds = _dry_run(capsys, *_xl_argv(xl, setting))
+    last = [c for c in cmds if c[1].endswith("train.py")][-1]
+    scheme, expected = EXPECTED[setting]
+    assert _flag(last, "--scheme") == scheme
     # train.py's own reading of the entries, and its epoch plan on these manifests
-    sources = [train.parse_source(e, float(_flag(direct, "--speech-fraction"))) for e in _entries(direct)]
-    assert [Path(s.path).parent.name for s in sources] == [m for m, _, _ in EXPECTED[setting]]
+    sources = [train.parse_source(e, float(_flag(last, "--speech-fraction"))) for e in _entries(last)]
+    assert [Path(s.path).parent.name for s in sources] == [m for m, _, _ in expected]
     plan = json.loads(subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "--plan-only", "--scheme", "direct", "--epochs", "1",
-         "--speech-fraction", _flag(direct, "--speech-fraction"), "--train-manifest", *_entries(direct)],
+        [sys.executable, str(REPO / "train.py"), "--plan-only", "--scheme", scheme, "--epochs", "1",
+         "--speech-fraction", _flag(last, "--speech-fraction"), "--train-manifest", *_entries(last)],
         cwd=REPO, capture_output=True, text=True, check=True).stdout)
-    assert [(Path(m["path"]).parent.name, m["n_text"], m["n_p"]) for m in plan["manifests"]] == EXPECTED[setting]
-    # text-only reads the same manifests (their transcripts), at p0
-    assert [Path(e.rsplit(":", 1)[0]) for e in _entries(text_only)] == [Path(s.path) for s in sources]
-    assert _flag(text_only, "--speech-fraction") == "0"
+    assert [(Path(m["path"]).parent.name, m["n_text"], m["n_p"]) for m in plan["manifests"]] == [
+        (m, n_text, n_p if scheme != "text-only" else 0) for m, n_text, n_p in expected]
     # dev set: the source's devel split; scored per language on the targets' test speech
-    assert _flag(direct, "--dev-manifest") == ("none" if setting == "no-source" else str(xl / "src" / "devel.jsonl"))
+    source = grid.SETTINGS[setting].source
+    assert _flag(last, "--dev-manifest") == (str(xl / "src" / "devel.jsonl") if source else "none")
     assert cmds[-1][-2:] == ["--by", "lang"]
 
 
+def test_text_only_reads_the_same_manifests_as_curriculum_and_no_speech(capsys, xl):
+    cmds = _dry_run(capsys, *_xl_argv(xl, "few-shot-T"))
+    by_scheme = {_flag(c, "--scheme"): c for c in cmds if c[1].endswith("train.py")}
+    assert set(by_scheme) == {"text-only", "curriculum"}  # the paper's rule: no direct mixing in Table 3
+    paths = {s: [e.rsplit(":", 1)[0] for e in _entries(c)] for s, c in by_scheme.items()}
+    assert paths["text-only"] == paths["curriculum"] and _flag(by_scheme["text-only"], "--speech-fraction") == "0"
+
+
+def test_per_target_trains_one_model_per_target_folder_with_its_own_test_set_and_report(capsys, xl):
+    cmds = _dry_run(capsys, *_xl_argv(xl, "few-shot-T+S", "--per-target"))
+    trains = [c for c in cmds if c[1].endswith("train.py")]
+    assert [(Path(_flag(c, "--run-dir")).relative_to(xl / "g").parts[0], _entries(c)) for c in trains] == [
+        (t, [f"{xl / 'src' / 'train.jsonl'}:0.5", f"{xl / t / 'train.jsonl'}:1.0"]) for t in ("de", "es")]
+    infers = [c for c in cmds if c[1].endswith("infer.py")]
+    assert [_flag(c, "--manifest") for c in infers] == [str(xl / "g" / t / "test_speech.jsonl") for t in ("de", "es")]
+    reports = [c for c in cmds if c[1].endswith("report.py")]
+    assert [(_flag(c, "--grid"), _flag(c, "--out")) for c in reports] == [
+        (str(xl / "g" / t), str(xl / "g-report" / t)) for t in ("de", "es")]
+
+
 def test_test_speech_holds_exactly_the_targets_speech_rows_with_absolute_audio(xl):
-    args = SimpleNamespace(setting="few-shot-TS", target_dirs=[str(xl / "de"), str(xl / "es")])
+    args = SimpleNamespace(setting="few-shot-T+S", target_dirs=[str(xl / "de"), str(xl / "es")])
     out = xl / "g" / "test_speech.jsonl"
     assert grid.write_test_speech(args, out) == 20
     rows = read_manifest(out)
@@ -199,6 +251,211 @@ def test_a_test_id_in_two_targets_is_an_error_naming_it(xl):
     args = SimpleNamespace(setting="zero-shot", target_dirs=[str(xl / "de"), str(xl / "de")])
     with pytest.raises(ValueError, match="duplicate id 'de-test-0-0.wav'"):
         grid.write_test_speech(args, xl / "g" / "test_speech.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's Table 3 and Fig. 2, as docs/EXPERIMENTS.md runs them
+
+# Speech-MASSIVE's locales (../shared/papers/datasets.md); the paper's source is fr-FR.
+SPEECH_MASSIVE = ("ar-SA", "de-DE", "es-ES", "fr-FR", "hu-HU", "ko-KR", "nl-NL", "pl-PL", "pt-PT", "ru-RU", "tr-TR",
+                  "vi-VN")
+TABLE3_TARGETS = ("de-DE", "es-ES", "ko-KR", "pt-PT", "vi-VN")
+# Table 3's rows, top to bottom: source speech (or no source) and the target data
+SOURCES = ("0%", "2%", "5%", "10%", "25%", "50%", "100%")
+TABLE3_ROWS = (["No Source T"] + [f"{p} T" for p in SOURCES] + ["No Source T+S"] + [f"{p} T+S" for p in SOURCES]
+               + ["No Source T+M", "No Source T+S+M", "0% T+M", "0% T+S+M", "100% T+M", "100% T+S+M"])
+
+
+def _doc_commands(marker: str) -> list[list[str]]:
+    """The `python grid.py` lines of docs/EXPERIMENTS.md whose --grid contains `marker`, with the shell variables
+    the document defines (NAME="value" lines) expanded; a variable it does not define fails the test."""
+    doc = (REPO / "docs" / "EXPERIMENTS.md").read_text()
+    variables = dict(re.findall(r'^([A-Z][A-Z0-9_]*)="([^"]*)"', doc, re.M))
+
+    def expand(text):
+        return re.sub(r"\$([A-Z][A-Z0-9_]*)", lambda m: expand(variables[m[1]]), text)
+
+    lines = re.sub(r"\\\n\s*", " ", doc).splitlines()
+    return [shlex.split(expand(line))[2:] for line in lines if line.startswith("python grid.py") and marker in line]
+
+
+def _row_of(cmd) -> str:
+    """The Table 3 row a train.py command trains: its source speech and its target data, read from the entries."""
+    entries = {Path(e.rsplit(":", 1)[0]).parent: float(e.rsplit(":", 1)[1]) for e in _entries(cmd)}
+    source = next((f"{100 * p:g}%" for folder, p in entries.items() if folder.name == "sm-fr"), "No Source")
+    targets = [(folder.name, p) for folder, p in entries.items() if folder.parent.name == "sm115"]
+    massive = [folder.name for folder in entries if folder.parent.name == "massive"]
+    assert [t for t, _ in targets] == list(TABLE3_TARGETS) and massive in ([], list(TABLE3_TARGETS)), entries
+    assert len({p for _, p in targets}) == 1  # T (0) or T+S (1.0) for every target alike
+    return f"{source} T" + ("+S" if targets[0][1] == 1.0 else "") + ("+M" if massive else "")
+
+
+def test_every_table_3_row_is_one_cell_of_the_documented_commands_with_the_papers_scheme(capsys):
+    rows = []
+    for argv in _doc_commands("grids/t3-"):
+        for cmd in _dry_run(capsys, *argv):
+            if cmd[1].endswith("train.py"):
+                row = _row_of(cmd)
+                # "when only text data are available, we adopt a text-only scheme, while the presence of speech
+                # data leads to curriculum learning"
+                speech = "+S" in row or row.split()[0] not in ("0%", "No")
+                assert _flag(cmd, "--scheme") == ("curriculum" if speech else "text-only"), row
+                rows.append(row)
+    assert sorted(rows) == sorted(TABLE3_ROWS) and len(TABLE3_ROWS) == 22  # each row once, none missing
+
+
+def test_fig_2_zero_shot_is_scored_on_every_speech_massive_locale_but_the_source(capsys):
+    [argv] = _doc_commands("grids/fig2")
+    out = grid.main(["--dry-run", *argv])
+    lines = capsys.readouterr().out.splitlines()
+    assert out == 0
+    tests = lines[0].split(": the speech rows of ")[1].split()
+    assert sorted(Path(t).parent.name for t in tests) == [loc for loc in SPEECH_MASSIVE if loc != "fr-FR"]
+    trains = [shlex.split(line) for line in lines if "train.py" in line.split(" ", 2)[1]]
+    # one model per scheme and fraction, trained on the source alone: text-only and curriculum at every fraction
+    assert all(len(_entries(c)) == 1 and "sm-fr" in _entries(c)[0] for c in trains)
+    assert sorted({(_flag(c, "--scheme"), float(_flag(c, "--speech-fraction"))) for c in trains}) == sorted(
+        [("text-only", 0.0)] + [("curriculum", p) for p in grid.PAPER_FRACTIONS])
+    assert shlex.split(lines[-1])[-2:] == ["--by", "lang"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reruns: a cell made by other commands is never reused (the stage scripts replaced by stand-ins that write what
+# they would: hf/ with train.py's training_run.json, pred.jsonl)
+
+def _stand_in(calls):
+    def run(cmd):
+        calls.append(cmd)
+        if _script(cmd) == "train.py":
+            hf = Path(_flag(cmd, "--run-dir")) / "hf"
+            hf.mkdir(parents=True, exist_ok=True)
+            (hf / "config.json").write_text("{}")
+            stop = int(_flag(cmd, "--max-steps")) if "--max-steps" in cmd else None
+            (hf / "training_run.json").write_text(json.dumps(
+                {"finished": stop is None, "steps": stop or 10, "planned_steps": 10}))
+        elif _script(cmd) == "infer.py":
+            Path(_flag(cmd, "--out")).write_text(json.dumps({"model": _flag(cmd, "--model")}) + "\n")
+    return run
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """A finished grid of text-only + direct at p0.5 + oracle, one seed; .run(*argv) reruns it with changes."""
+    _corpus(tmp_path / "corpus", "en", "en", 4, 1)
+    calls = []
+    monkeypatch.setattr(grid, "run_command", _stand_in(calls))
+    base = ["--corpus-dir", str(tmp_path / "corpus"), "--grid", str(tmp_path / "g"), "--schemes", "text-only",
+            "direct", "--oracle", "--fractions", "0.5", "--seeds", "0"]
+
+    def run(*extra, train_flags=()):
+        calls.clear()
+        return grid.main([*base, *extra, *(["--", *train_flags] if train_flags else [])])
+
+    assert run() == 0
+    return SimpleNamespace(run=run, calls=calls, grid=tmp_path / "g", corpus=tmp_path / "corpus")
+
+
+def _ran(calls):
+    return [(_script(c), _flag(c, "--run-dir") if _script(c) == "train.py" else _flag(c, "--out"))
+            for c in calls if _script(c) != "report.py"]
+
+
+def test_rerun_of_the_same_command_reuses_every_cell(fake):
+    assert fake.run() == 0
+    assert [_script(c) for c in fake.calls] == ["report.py"]
+
+
+@pytest.mark.parametrize("change, train_flags, expected", [
+    (["--epochs", "2"], (), "trained with other settings: --epochs 3 -> 2"),
+    (["--model", "/ckpt/other"], (), "--model tiny -> /ckpt/other"),
+    ([], ("--peak-lr", "1e-3"), "--peak-lr (absent) -> 1e-3"),
+    (["--num-beams", "1"], (), "made with other settings: decoding: --num-beams 3 -> 1"),
+])
+def test_rerun_with_other_settings_refuses_naming_each_change_and_runs_nothing(fake, capsys, change, train_flags,
+                                                                              expected):
+    capsys.readouterr()
+    assert fake.run(*change, train_flags=train_flags) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "--redo-changed" in err
+    assert fake.calls == []
+
+
+def test_a_decoding_change_names_only_the_predictions_not_the_trainings(fake, capsys):
+    capsys.readouterr()
+    assert fake.run("--max-new-tokens", "9") == 2
+    err = capsys.readouterr().err
+    assert "3 finished part(s)" in err and "run:" not in err
+    assert err.count(f"decoding: --max-new-tokens {MAX_NEW_TOKENS} -> 9") == 3
+
+
+def test_redo_changed_redecodes_only_the_changed_predictions_and_records_the_new_command(fake):
+    assert fake.run("--max-new-tokens", "9", "--redo-changed") == 0
+    assert [s for s, _ in _ran(fake.calls)] == ["infer.py"] * 3
+    record = json.loads((fake.grid / "oracle" / "p0" / "seed0" / grid.INFER_RECORD).read_text())
+    assert _flag(record["infer"], "--max-new-tokens") == "9" and record["infer"][0] == "infer.py"
+    assert fake.run("--max-new-tokens", "9") == 0 and _ran(fake.calls) == []  # now the same command
+
+
+def test_redo_changed_after_a_training_change_retrains_and_redecodes_its_models_oracle_included(fake):
+    assert fake.run("--epochs", "2", "--redo-changed") == 0
+    g = fake.grid
+    assert _ran(fake.calls) == [("train.py", str(g / "text-only/p0/seed0/run")),
+                                ("infer.py", str(g / "text-only/p0/seed0/pred.jsonl")),
+                                ("train.py", str(g / "direct/p0.5/seed0/run")),
+                                ("infer.py", str(g / "direct/p0.5/seed0/pred.jsonl")),
+                                ("infer.py", str(g / "oracle/p0/seed0/pred.jsonl"))]
+    assert _flag(json.loads((g / "direct/p0.5/seed0" / grid.TRAIN_RECORD).read_text())["train"], "--epochs") == "2"
+
+
+def test_a_smoke_grid_stopped_by_max_steps_is_reused_by_itself_but_refused_by_the_real_command(tmp_path, monkeypatch,
+                                                                                               capsys):
+    _corpus(tmp_path / "corpus", "en", "en", 4, 1)
+    calls = []
+    monkeypatch.setattr(grid, "run_command", _stand_in(calls))
+    argv = ["--corpus-dir", str(tmp_path / "corpus"), "--grid", str(tmp_path / "g"), "--schemes", "direct",
+            "--fractions", "0.5", "--seeds", "0"]
+    assert grid.main([*argv, "--", "--max-steps", "2"]) == 0
+    calls.clear()
+    assert grid.main([*argv, "--", "--max-steps", "2"]) == 0 and [_script(c) for c in calls] == ["report.py"]
+    capsys.readouterr()
+    assert grid.main(argv) == 2
+    assert "--max-steps 2 -> (absent)" in capsys.readouterr().err and [_script(c) for c in calls] == ["report.py"]
+
+
+def test_an_export_without_training_run_json_is_of_unknown_finish_and_refused(fake, capsys):
+    (fake.grid / "direct/p0.5/seed0/run/hf/training_run.json").unlink()
+    capsys.readouterr()
+    assert fake.run() == 2
+    assert "no training_run.json (exported by an older train.py)" in capsys.readouterr().err
+    assert fake.run("--redo-changed") == 0
+    assert _ran(fake.calls) == [("train.py", str(fake.grid / "direct/p0.5/seed0/run")),
+                                ("infer.py", str(fake.grid / "direct/p0.5/seed0/pred.jsonl"))]
+
+
+def test_a_cell_without_records_from_an_older_grid_py_is_refused(fake, capsys):
+    (fake.grid / "oracle/p0/seed0" / grid.INFER_RECORD).unlink()
+    (fake.grid / "direct/p0.5/seed0" / grid.TRAIN_RECORD).unlink()
+    capsys.readouterr()
+    assert fake.run() == 2
+    err = capsys.readouterr().err
+    assert f"no {grid.INFER_RECORD} (made by an older grid.py" in err and f"no {grid.TRAIN_RECORD}" in err
+
+
+def test_a_changed_test_set_refuses_every_prediction(fake, capsys):
+    rows = read_manifest(fake.corpus / "test.jsonl")
+    write_manifest(fake.corpus / "test.jsonl", rows[:-1])
+    capsys.readouterr()
+    assert fake.run() == 2
+    assert capsys.readouterr().err.count("test_speech.jsonl changed") == 3
+
+
+def test_a_moved_grid_is_the_same_grid(fake):
+    moved = fake.grid.parent / "elsewhere"
+    fake.grid.rename(moved)
+    fake.calls.clear()
+    assert grid.main(["--corpus-dir", str(fake.corpus), "--grid", str(moved), "--schemes", "text-only", "direct",
+                      "--oracle", "--fractions", "0.5", "--seeds", "0"]) == 0
+    assert [_script(c) for c in fake.calls] == ["report.py"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,10 +503,6 @@ def ran(tmp_path_factory):
                               run=lambda: grid.main(argv))
 
 
-def _script(cmd):
-    return Path(cmd[1]).name
-
-
 CELLS = [f"{s}/seed{k}" for k in (0, 1) for s in ("text-only/p0", "direct/p0.5", "oracle/p0")]
 
 
@@ -275,6 +528,32 @@ def test_grid_writes_the_pinned_layout_with_seed_and_scheme_per_cell(ran):
         assert all("<|AUDIO|>" not in p["prompt"] for p in preds["oracle/p0"])
         assert all("<|AUDIO|>" in p["prompt"] for p in preds["text-only/p0"])
     assert (ran.tmp / "g" / "demo-report" / "table.md").is_file()
+
+
+@pytest.mark.slow
+def test_each_cell_records_the_commands_that_made_it_and_train_py_says_its_run_finished(ran):
+    g = ran.grid
+    trains = {_flag(c, "--run-dir"): c for c in ran.first if _script(c) == "train.py"}
+    infers = {_flag(c, "--out"): c for c in ran.first if _script(c) == "infer.py"}
+    for run_dir, cmd in trains.items():
+        record = json.loads((Path(run_dir).parent / grid.TRAIN_RECORD).read_text())
+        assert record["train"] == ["train.py"] + [a.replace(str(g), "GRID") for a in cmd[2:]]
+        run = json.loads((Path(run_dir) / "hf" / "training_run.json").read_text())
+        assert run["finished"] is True and run["steps"] == run["planned_steps"] > 0
+    for out, cmd in infers.items():
+        record = json.loads((Path(out).parent / grid.INFER_RECORD).read_text())
+        assert record["infer"] == ["infer.py"] + [a.replace(str(g), "GRID") for a in cmd[2:]]
+        model_run = str(Path(_flag(cmd, "--model")).parent)
+        assert record["train"] == json.loads((Path(model_run).parent / grid.TRAIN_RECORD).read_text())["train"]
+
+
+@pytest.mark.slow
+def test_rerun_with_other_beams_refuses_before_running_anything(ran, capsys):
+    at = ran.argv.index("--")
+    ran.calls.clear()
+    capsys.readouterr()
+    assert grid.main([*ran.argv[:at], "--num-beams", "2", *ran.argv[at:]]) == 2
+    assert capsys.readouterr().err.count("decoding: --num-beams 1 -> 2") == 6 and ran.calls == []
 
 
 @pytest.mark.slow

@@ -140,19 +140,132 @@ def test_text_only_leaves_encoder_and_projector_bit_identical_and_direct_changes
             assert out["n_speech_seen"] > 0  # 2 steps x 8 rows from 12 transcripts + 4 recordings
             assert "['multi_modal_projector']['linear']['kernel']" in changed_audio
             assert any(k.startswith("['audio_tower']['layers']") for k in changed_audio)
+            # the sinusoidal position table stays out of training, as transformers' requires_grad_(False) keeps it
+            assert "['audio_tower']['embed_positions']['embedding']" not in changed_audio
+
+
+def boundary_run(setup, run_dir, *flags):
+    """Curriculum, 2 epochs of 8-row steps on one device: epoch 1 = 12 transcripts (steps 1-2), epoch 2 = 12
+    transcripts + 4 recordings x 2 (steps 3-5). Stopped at the phase boundary (after step 2)."""
+    return run(setup, run_dir, "--scheme", "curriculum", "--speech-fraction", "1.0", "--epochs", "2",
+               "--per-device-batch", "8", "--grad-accum", "1", "--fsdp", "1", "--max-steps", "2", *flags)
+
+
+def test_curriculum_transcript_epochs_leave_the_audio_path_bit_identical_even_with_weight_decay(setup, tmp_path):
+    # epochs 1..E-1 are text-only training: no gradient, no optimizer state and no weight decay for the audio path
+    _, initial = load_hf(setup["model"], dtype=np.float32)
+    out = boundary_run(setup, tmp_path / "c", "--weight-decay", "0.1")
+    before, after = leaves(initial), leaves(out["params"])
+    audio = [k for k in before if k.startswith(("['audio_tower']", "['multi_modal_projector']"))]
+    assert audio and all(np.array_equal(before[k], after[k]) for k in audio)
+    assert not np.array_equal(before["['lm_head']['kernel']"], after["['lm_head']['kernel']"])
+    assert 0 <= out["opt_state_size"] - 2 * sum(after[k].size for k in before if k not in audio) < 16
+
+
+def test_curriculum_last_epoch_starts_a_fresh_adamw_for_the_language_model_and_the_audio_tower(setup, tmp_path):
+    # The paper's last epoch is a new training run: its first update must be the one a freshly constructed AdamW
+    # (zero moments, step 0) makes from the phase-boundary parameters. No warmup, so that update is not zero.
+    import jax.numpy as jnp
+    import optax
+    from model.config import get_config
+    flags = ("--last-epoch-warmup-ratio", "0")
+    boundary = boundary_run(setup, tmp_path / "c", *flags)["params"]
+    after = run(setup, tmp_path / "c", "--scheme", "curriculum", "--speech-fraction", "1.0", "--epochs", "2",
+                "--per-device-batch", "8", "--grad-accum", "1", "--fsdp", "1", "--max-steps", "3", *flags)
+    assert after["resumed_from"] == 2 and after["n_speech_seen"] > 0
+    # the reference: step 3's rows, the loss gradient at the boundary parameters, one step of a new optax AdamW
+    args = train.parse_args(["--model", str(setup["model"]), "--train-manifest", str(setup["manifest"]),
+                             "--scheme", "curriculum", "--speech-fraction", "1.0", "--epochs", "2",
+                             "--per-device-batch", "8", "--grad-accum", "1", "--peak-lr", "1e-3", *flags])
+    sources, manifests = train.load_sources(args)
+    plan = train.build_plan(args, sources, manifests, 8)
+    loader = train.StepLoader(plan, [{r["id"]: r for r in m} for m in manifests], P.load_tokenizer(), 1, 8,
+                              slice(0, 8), 64)
+    mb = {k: jnp.asarray(v[0]) for k, v in loader(2).items()}
+    assert int(mb["feature_lengths"].astype(bool).sum()) > 0  # the step has recordings: the audio tower learns
+    trainable, frozen = train.split_params(boundary, train.ALWAYS_FROZEN)
+    config = get_config(str(setup["model"]))
+
+    def loss(tr):
+        total, n = train.answer_loss(train.merge_params(frozen, tr), config, mb, jnp.float32, "none")
+        return total / n
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3 * 3 / 5))
+    updates, _ = tx.update(jax.grad(loss)(trainable), tx.init(trainable), trainable)
+    want, before, got = leaves(optax.apply_updates(trainable, updates)), leaves(trainable), leaves(after["params"])
+    for part in ("['language_model']", "['lm_head']", "['audio_tower']['layers']", "['multi_modal_projector']"):
+        keys = [k for k in want if k.startswith(part)]
+        assert keys and any(not np.array_equal(got[k], before[k]) for k in keys), part
+        for k in keys:
+            np.testing.assert_allclose(got[k], want[k], atol=2e-6, rtol=0, err_msg=k)
+    embed = "['audio_tower']['embed_positions']['embedding']"
+    assert np.array_equal(leaves(after["params"])[embed], leaves(boundary)[embed])
+
+
+def test_resume_with_another_result_setting_is_refused_and_leaves_config_json_untouched(setup, tmp_path):
+    flags = ("--scheme", "text-only", "--epochs", "1", "--per-device-batch", "4", "--grad-accum", "1", "--fsdp", "1")
+    run(setup, tmp_path / "r", *flags, "--max-steps", "1")
+    record = (tmp_path / "r" / "config.json").read_bytes()
+    with pytest.raises(train.InputError, match=r"--remat 'none' -> 'full'; --weight-decay 0\.0 -> 0\.1"):
+        run(setup, tmp_path / "r", *flags, "--weight-decay", "0.1", "--remat", "full")
+    assert (tmp_path / "r" / "config.json").read_bytes() == record
+    # flags that only say how the run goes may change; the record keeps the history
+    out = run(setup, tmp_path / "r", *flags, "--max-steps", "2", "--save-every", "7")
+    assert out["resumed_from"] == 1 and out["steps"] == 2
+    history = json.loads((tmp_path / "r" / "config.json").read_text())["history"]
+    assert history == [{"resumed_at_step": 1, "changed": {"max_steps": [1, 2], "save_every": [200, 7]}}]
+    record = json.loads((tmp_path / "r" / "hf" / "training_run.json").read_text())
+    assert record["finished"] is False and (record["steps"], record["planned_steps"]) == (2, 3)
+
+
+def test_bad_recordings_are_all_reported_with_manifest_line_before_any_model_work(setup, tmp_path):
+    import soundfile as sf
+    good = demo_rows(0, 1)[0]
+    sf.write(tmp_path / "short.wav", np.zeros(96, np.float32), 16000)   # 6 ms: no audio token
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF not really a wave file")
+    bad = {"short": "short.wav", "empty": "empty.wav", "corrupt": "corrupt.wav", "missing": "missing.wav"}
+    rows = demo_rows(2, 0) + [good] + [{**good, "id": name, "audio": str(tmp_path / f)} for name, f in bad.items()]
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = train.parse_args(["--model", str(setup["model"]),
+                             "--train-manifest", str(manifest), "--scheme", "direct", "--speech-fraction", "1.0",
+                             "--run-dir", str(tmp_path / "run"), "--dev-manifest", "none", "--fsdp", "1"])
+    with pytest.raises(train.InputError) as err:
+        train.train(args)
+    message = str(err.value)
+    for line, (name, reason) in enumerate(zip(bad, ("too short", "no samples", "cannot be decoded",
+                                                    "file not found")), start=4):
+        assert f"{manifest}:{line}: {name}: {reason}" in message, message
+    assert "4 of the 5 recordings" in message and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_7b_preset_without_random_init_exits_2_naming_the_fix_and_allocates_nothing(tmp_path):
+    probe = ("import resource, runpy, sys; sys.argv = ['train.py', '--model', '7b', '--run-dir', %r]\n"
+             "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
+             "finally:\n    print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
+             % str(tmp_path / "run"))
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Hugging Face Qwen2-Audio directory" in out.stderr and "--random-init" in out.stderr
+    assert int(out.stderr.split("maxrss_kb")[1].split()[0]) < 2_000_000  # 8.4 B fp32 parameters would be 34 GB
+    assert not (tmp_path / "run").exists()
 
 
 # --- sharding, accumulation ----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_three_step_losses_agree_on_8_fsdp_2x2x2_and_one_device_and_params_are_sharded(setup, tmp_path):
-    # The same global batch of 8 rows split three ways: 8 devices x 1 row, 4 data-parallel devices x 1 row x 2
-    # accumulation steps, 1 device x 2 rows x 4 accumulation steps.
-    common = ("--scheme", "direct", "--speech-fraction", "1.0", "--epochs", "2", "--max-steps", "3")
-    a = run(setup, tmp_path / "fsdp8", *common, "--fsdp", "8", "--per-device-batch", "1", "--grad-accum", "1")
+    # One command, --global-batch 8, on three meshes: the accumulation is derived from it (8 devices x 1 row x 1,
+    # 4 data-parallel devices x 1 row x 2, 1 device x 2 rows x 4), so the optimizer steps are the same.
+    common = ("--scheme", "direct", "--speech-fraction", "1.0", "--epochs", "2", "--max-steps", "3",
+              "--global-batch", "8")
+    a = run(setup, tmp_path / "fsdp8", *common, "--fsdp", "8", "--per-device-batch", "1")
     b = run(setup, tmp_path / "mesh222", *common, "--data-parallel", "2", "--fsdp", "2", "--tensor-parallel", "2",
-            "--per-device-batch", "1", "--grad-accum", "2")
-    c = run(setup, tmp_path / "single", *common, "--fsdp", "1", "--per-device-batch", "2", "--grad-accum", "4")
+            "--per-device-batch", "1")
+    c = run(setup, tmp_path / "single", *common, "--fsdp", "1", "--per-device-batch", "2")
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("fsdp8", "mesh222", "single")]
+    assert [(c["global_batch"], c["grad_accum"]) for c in configs] == [(8, 1), (8, 2), (8, 4)]
     assert len(a["losses"]) == 3
     np.testing.assert_allclose(a["losses"], c["losses"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(b["losses"], c["losses"], atol=1e-4, rtol=0)
@@ -201,6 +314,18 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_chec
     metrics = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert steps and steps[-1] == len(metrics)  # the last checkpoint is the last finite step
     assert all(math.isfinite(m["loss"]) for m in metrics)
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning_so_the_run_resumes(tmp_path, capsys):
+    # a kill while a metrics row was being written leaves half a line; resuming must not fail on it
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    train.RunDir(tmp_path, train.Args(), is_main=True).trim_metrics(1)
+    assert metrics.read_text() == '{"step": 1, "loss": 2.0}\n'
+    assert "metrics.jsonl:3: dropped a torn last line" in capsys.readouterr().err
+    metrics.write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.5}\n')  # not the last line: not a kill
+    with pytest.raises(train.InputError, match=r"metrics.jsonl:1: not a JSON object"):
+        train.RunDir(tmp_path, train.Args(), is_main=True).trim_metrics(2)
 
 
 # --- multi-host ---------------------------------------------------------------------------------------------------

@@ -144,6 +144,40 @@ def test_train_manifest_flag_may_be_repeated_or_given_a_list():
     assert a.train_manifest == b.train_manifest == ("a.jsonl:0.1", "b.jsonl") and a.epochs == 2
 
 
+def test_train_manifest_in_tyros_underscore_spelling_repeated_keeps_every_manifest():
+    # tyro accepts --train_manifest too; repeated, it would keep only the last one: cross-lingual runs without
+    # their source data
+    for argv in (["--train_manifest", "a.jsonl", "--train_manifest", "b.jsonl:0.5"],
+                 ["--train_manifest=a.jsonl", "--train-manifest", "b.jsonl:0.5"]):
+        assert train.parse_args(argv).train_manifest == ("a.jsonl", "b.jsonl:0.5"), argv
+
+
+def test_the_same_manifest_given_twice_is_refused_it_would_double_its_rows(tmp_path):
+    write_manifest(tmp_path / "a.jsonl", 2, 2, "a")
+    args = train.Args(train_manifest=(str(tmp_path / "a.jsonl"), str(tmp_path / ".." / tmp_path.name / "a.jsonl:0.5")))
+    with pytest.raises(train.InputError, match=r"same file; give each manifest once"):
+        train.load_sources(args)
+
+
+def test_global_batch_fixes_the_step_and_the_accumulation_follows_the_mesh():
+    assert train.resolve_batch(train.Args(global_batch=128, per_device_batch=2), 1, 8) == (128, 8)
+    assert train.resolve_batch(train.Args(global_batch=128, per_device_batch=2), 2, 1) == (128, 32)
+    assert train.resolve_batch(train.Args(global_batch=128, per_device_batch=2), 1, 1) == (128, 64)
+    # defaults: the paper's 128 for a pretrained model directory, the demo's 16 for a preset
+    assert train.resolve_batch(train.Args(model="."), 1, 8) == (128, 8)
+    assert train.resolve_batch(train.Args(model="tiny"), 1, 1) == (16, 8)
+    # an explicit accumulation without --global-batch keeps its meaning (rows per device x accumulation x devices)
+    assert train.resolve_batch(train.Args(per_device_batch=8, grad_accum=1), 1, 2) == (16, 1)
+
+
+def test_a_global_batch_the_mesh_cannot_split_is_an_error_naming_the_numbers():
+    with pytest.raises(train.InputError, match=r"global batch 100 .* --per-device-batch 2 x 8 data-parallel devices "
+                                               r"\(--data-parallel 1 x --fsdp 8\) = 16 rows"):
+        train.resolve_batch(train.Args(global_batch=100), 1, 8)
+    with pytest.raises(train.InputError, match=r"--grad-accum 4 contradicts --global-batch 128"):
+        train.resolve_batch(train.Args(global_batch=128, grad_accum=4), 1, 8)
+
+
 def test_mesh_larger_than_the_devices_or_not_dividing_them_is_an_error():
     with pytest.raises(ValueError, match="8 devices"):
         train.resolve_mesh_shape(train.Args(data_parallel=3, fsdp=-1), 8)
@@ -189,6 +223,21 @@ def test_curriculum_restarts_with_peak_3e6_and_2pct_warmup_in_the_last_epoch():
     assert float(sched(51)) == pytest.approx(3e-6, rel=1e-6)        # ... peaks at 3e-6 after 1 warmup step ...
     for k in (60, 93):                                              # ... and decays over the last epoch's 44 steps
         assert float(sched(k)) == pytest.approx(warmup_cosine(k - 50, 44, 1, 3e-6), rel=1e-4)
+
+
+def test_curriculum_cut_schedule_is_the_text_only_e_epoch_schedule_stopped_after_epoch_e_minus_1():
+    # the other reading of "same scheduler configuration": epochs 1-2 follow the 3-epoch text-only schedule (75
+    # steps, warmup ceil(0.04*75) = 3) and stop at step 50, before its cosine reaches 0
+    plan = train.make_plan("curriculum", 3, 8, [[f"t{i}" for i in range(200)]], [[f"s{i}" for i in range(100)]],
+                           [0.5], curriculum_schedule="cut")
+    text_only = train.make_plan("text-only", 3, 8, [[f"t{i}" for i in range(200)]], [[]], [0.5])
+    first, last = plan.phases
+    assert (first["steps"], first["schedule_steps"], first["warmup_steps"]) == (50, 75, 3)
+    cut, full = train.lr_schedule(plan.phases), train.lr_schedule(text_only.phases)
+    for k in (0, 2, 3, 30, 49):
+        assert float(cut(k)) == pytest.approx(float(full(k)), rel=1e-6, abs=1e-15), k
+    assert float(cut(49)) > 1e-6                                   # cut while still well above 0
+    assert float(cut(51)) == pytest.approx(3e-6, rel=1e-6)         # the last epoch is unchanged
 
 
 def test_paper_peak_lr_for_a_pretrained_model_and_three_fifths_for_the_last_epoch(tmp_path):
