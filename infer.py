@@ -59,10 +59,6 @@ from model.processor import round_up
 # reference does), so a test set compiles a handful of shapes.
 TOKEN_BUCKET = 64
 FRAME_BUCKET = 500
-# Default --max-new-tokens. Measured: the 5,007 real SLURP devel/test gold answers (model/answer.py's
-# render_answer, Qwen2 tokenizer) need 24 tokens on average, 53 at the 99th percentile and 76 at most, plus one
-# for <|im_end|> (5 need more than 64); French and Italian answers are longer. 128 leaves room for them; the
-# decoding loop stops as soon as every row has ended, so a larger limit costs only KV-cache memory.
 
 
 class InputError(ValueError):
@@ -307,6 +303,11 @@ def main(args: Args) -> dict:
     warn_unfinished(model_dir, run)
     tok = load_tokenizer(model_dir)
     items = plan_rows(rows, tok, use_audio=args.input == "auto", source=args.manifest)
+    long_ids = [item["row"]["id"] for item in items
+                if item["from_audio"] and item["key"][1] > processor.MAX_AUDIO_SECONDS]
+    if long_ids:
+        print(f"infer.py: note: {len(long_ids)} of {len(rows)} recording(s) are longer than 30 s and are cut to their "
+              f"first 30 s, as Qwen2-Audio's processor does (ids in {meta_path(args.out)})", file=sys.stderr)
 
     dtype = jnp.dtype(sharding.resolve_dtype(args.dtype))
     mesh = sharding.make_mesh(args.data_parallel, args.fsdp, args.tensor_parallel)
@@ -369,7 +370,8 @@ def main(args: Args) -> dict:
             "decoding": {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "input": args.input,
                          "dtype": dtype.name, "batch_size": batch_size, "seed": args.seed if model_dir is None else None},
             "rows": len(rows), "parse_failures": n_failed,
-            "hit_max_new_tokens": len(cut_ids), "hit_max_new_tokens_ids": cut_ids}
+            "hit_max_new_tokens": len(cut_ids), "hit_max_new_tokens_ids": cut_ids,
+            "audio_cut_at_30s": len(long_ids), "audio_cut_at_30s_ids": long_ids}
     atomic_write_text(meta_path(args.out), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(args.out, text)
 

@@ -435,7 +435,7 @@ def check_audio(plan: Plan, sources: list[Source], manifests: list[list[dict]]) 
     are reported at once as `manifest:line: id: reason`, instead of a crash at their batch hours in. Returns how
     many clips are longer than 30 s (cut to their first 30 s, as Qwen2-Audio's processor does)."""
     from model.manifest import iter_jsonl
-    from model.processor import CHUNK_SAMPLES, SAMPLE_RATE, check_audio_file
+    from model.processor import MAX_AUDIO_SECONDS, check_audio_file
     rows = [{r["id"]: r for r in m} for m in manifests]
     keys = sorted(set(plan.subset_keys))
     with ThreadPoolExecutor(16) as pool:
@@ -447,7 +447,7 @@ def check_audio(plan: Plan, sources: list[Source], manifests: list[list[dict]]) 
                   for (m, i), reason in bad]
         raise InputError(f"{len(bad)} of the {len(keys)} recordings this run uses cannot be trained on:\n  "
                          + "\n  ".join(report))
-    return sum(seconds * SAMPLE_RATE > CHUNK_SAMPLES for _, seconds in results)
+    return sum(seconds > MAX_AUDIO_SECONDS for _, seconds in results)
 
 
 def resolve_mesh_shape(args: Args, n_devices: int) -> tuple[int, int, int]:

@@ -35,6 +35,7 @@ N_MELS = 128  # Qwen2-Audio uses the 128-bin Whisper-large-v3 front end
 CHUNK_FRAMES = 3000  # 30 s: the longest clip the encoder sees; longer audio is truncated like the reference
 BUCKET_FRAMES = 100  # features are padded to a multiple of 1 s so jit sees few distinct shapes
 CHUNK_SAMPLES = CHUNK_FRAMES * HOP_LENGTH
+MAX_AUDIO_SECONDS = CHUNK_SAMPLES / SAMPLE_RATE  # 30.0: a longer clip is cut to its first 30 s (counted, reported)
 
 # Qwen2's pre-tokenizer regex (note \p{N} alone: digits are split one by one, unlike GPT-4's \p{N}{1,3}).
 QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""

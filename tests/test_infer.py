@@ -412,6 +412,19 @@ def test_an_unwritable_out_fails_before_the_model_is_loaded(tmp_path, no_model_l
         infer.main(infer.Args(model="tiny", manifest=str(manifest), out=str(out)))
 
 
+def test_clips_longer_than_30_s_are_counted_and_reported_before_decoding(tmp_path, no_model_load, capsys):
+    # the reference cuts them to 30 s silently; a user must know how many answers saw only part of the audio
+    soundfile.write(tmp_path / "long.wav", np.zeros(16000 * 31, np.float32), 16000)
+    soundfile.write(tmp_path / "ok.wav", np.zeros(16000 * 29, np.float32), 16000)
+    rows = [{"id": i, "lang": "en", "text": "wake me up", "audio": str(tmp_path / f"{i}.wav"), "scenario": "alarm",
+             "action": "set", "entities": []} for i in ("long", "ok")]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        infer.main(infer.Args(model="tiny", manifest=str(manifest), out=str(tmp_path / "p.jsonl")))
+    assert "1 of 2 recording(s) are longer than 30 s" in capsys.readouterr().err
+
+
 def test_bad_audio_rows_are_all_reported_with_their_lines_before_the_model_is_loaded(tmp_path, no_model_load):
     garbage, short = tmp_path / "garbage.wav", tmp_path / "short.wav"
     garbage.write_bytes(b"not a wav file at all")
