@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -56,8 +57,9 @@ AUDIO_FROZEN = (("audio_tower",), ("multi_modal_projector",))
 PAPER_GLOBAL_BATCH = 128  # 8 GPUs x 2 rows x 8 accumulation steps
 DEMO_GLOBAL_BATCH = 16    # a preset (the demo): 2 rows x 8 accumulation steps on one CPU
 # Flags a resumed run may change: how it runs, not what it computes (each change is recorded in config.json).
-RESUMABLE = ("max_steps", "save_every", "keep_checkpoints", "eval_max_rows", "dev_manifest", "export", "progress",
-             "per_device_batch", "grad_accum", "data_parallel", "fsdp", "tensor_parallel", "run_dir", "plan_only")
+RESUMABLE = ("max_steps", "save_every", "keep_checkpoints", "eval_max_rows", "eval_max_new_tokens", "dev_manifest",
+             "export", "export_dtype", "keep_optimizer_state", "progress", "per_device_batch", "grad_accum",
+             "data_parallel", "fsdp", "tensor_parallel", "run_dir", "plan_only", "compilation_cache")
 
 
 class InputError(ValueError):
@@ -132,8 +134,9 @@ class Args:
     GPU/TPU, float32 on CPU, where XLA emulates bf16 matmuls slowly."""
     remat: Literal["none", "full", "dots"] = "none"
     """Rematerialise each decoder/encoder layer in the backward pass ('full' saves the most memory)."""
-    length_bucket: int = 64
-    """Sequences are right-padded to a multiple of this (few shapes = few compilations)."""
+    compilation_cache: str = "auto"
+    """JAX's persistent compilation cache, so a grid's later runs with the same step shapes compile nothing: 'auto'
+    ($JAX_COMPILATION_CACHE_DIR, else ~/.cache/sluice/jax-compilation), a directory, or 'none'."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (saves a checkpoint there; rerun without it to continue)."""
     save_every: int = 200
@@ -152,6 +155,12 @@ class Args:
     """Print the epoch plan as one JSON object and exit (no model is loaded)."""
     export: bool = True
     """Write the final model to RUN_DIR/hf (Hugging Face format, with tokenizer files)."""
+    export_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the exported weights. auto: the source checkpoint's (bfloat16 for Qwen2-Audio-7B-Instruct: half the
+    disk of float32), float32 for a preset."""
+    keep_optimizer_state: bool = False
+    """Keep RUN_DIR/checkpoints (parameters and both Adam moments: 3x the model in float32) once the run finished
+    and exported, to train it further. By default a finished run keeps hf/, metrics.jsonl and config.json."""
     progress: bool = True
     """tqdm progress bar."""
 
@@ -545,17 +554,65 @@ def collate(examples: list[Example | None], seq_len: int, n_frames_max: int | No
     return out
 
 
+# Step shapes. Every new (sequence length, audio frames) pair compiles a new train step (minutes for 7b), so
+# both are padded up to a short list: sequences to 64, 96, 128, 192, 256, 384, ... (x1.5, then x4/3: at most a
+# third of the positions are padding), audio to 4, 8, 16 or 30 s. A SLURP-like epoch then runs a handful of
+# shapes (bench.py --shapes measures the trade-off). The answer length is one per run: the longest answer.
+AUDIO_BUCKETS = (400, 800, 1600, 3000)  # mel frames (100 per second); 3000 = 30 s, the encoder's limit
+
+
+def seq_bucket(n: int) -> int:
+    """The padded length of an n-token sequence: the smallest of 64, 96, 128, 192, 256, 384, ... that is >= n."""
+    size = 64
+    while True:
+        for candidate in (size, size * 3 // 2):
+            if candidate >= n:
+                return candidate
+        size *= 2
+
+
+def audio_bucket(n_frames: int) -> int:
+    """The padded mel-frame count of a micro-batch whose longest clip's features have n_frames frames."""
+    return next(b for b in AUDIO_BUCKETS if b >= n_frames)
+
+
+def step_shape(longest_tokens: int, longest_frames: int | None) -> tuple[int, int | None]:
+    """(sequence length, audio frames or None for a step without recordings) that a step is padded to."""
+    return seq_bucket(longest_tokens), None if longest_frames is None else audio_bucket(longest_frames)
+
+
+def plan_step_shapes(plan: Plan, lengths: dict[tuple, tuple[int, int | None]], step_rows: int) -> list[dict]:
+    """Per optimizer step of the plan: its shape and padded share, from each row's (tokens, feature frames or None)
+    alone: what StepLoader would build, without tokenizing or reading audio (bench.py --shapes)."""
+    out = []
+    for step in range(plan.total_steps):
+        keys = plan.step_keys(step)
+        tokens = [lengths[k][0] for k in keys]
+        frames = [lengths[k][1] for k in keys if lengths[k][1] is not None]
+        shape = step_shape(max(tokens), max(frames) if frames else None)
+        out.append({"shape": shape, "padding": 1 - sum(tokens) / (step_rows * shape[0])})
+    return out
+
+
 class StepLoader:
     """Builds the arrays of one optimizer step: [grad_accum, micro_batch, ...], this process's rows only.
 
     micro_batch = per_device_batch * data * fsdp rows. Row j of micro-batch a is row a*micro_batch + j of the
     step's slice of the epoch order. A process loads (decodes audio for, tokenizes) only the rows of its own
-    devices; the padded length is agreed across processes so the global array has one shape."""
+    devices; the padded shape (step_shape) is agreed across processes so the global array has one shape.
+    `shapes` collects the step shapes loaded; `padding` the real and padded token positions."""
 
     def __init__(self, plan: Plan, rows: list[dict[str, dict]], tok, grad_accum: int, micro_batch: int,
-                 local_rows: slice, length_bucket: int):
+                 local_rows: slice):
+        from model.answer import render_answer
+        from model.processor import round_up
         self.plan, self.rows, self.tok = plan, rows, tok
-        self.grad_accum, self.micro_batch, self.local, self.bucket = grad_accum, micro_batch, local_rows, length_bucket
+        self.grad_accum, self.micro_batch, self.local = grad_accum, micro_batch, local_rows
+        # one answer length for the whole run (logits are computed only there, so its padding is cheap)
+        used = {k for keys in plan.epoch_keys for k in keys}
+        longest = max(len(encode_text(tok, render_answer(r["scenario"], r["action"], r["entities"])))
+                      for r in (rows[m][i] for m, i in used))
+        self.answer_len = round_up(longest + 1, 16)  # + <|im_end|>
 
     def counts(self, step: int) -> tuple[int, int]:
         keys = self.plan.step_keys(step)
@@ -572,12 +629,9 @@ class StepLoader:
         longest = max([len(ex.ids) for ex in flat] + [1])
         frames = max([ex.features.shape[1] for ex in flat if ex.features is not None] + [0])
         any_speech = any(self.rows[k[0]][k[1]]["audio"] is not None for k in keys if k is not None)
-        answer = max([len(ex.ids) - ex.n_prompt for ex in flat] + [1])
-        longest, frames, answer = _global_max(longest, frames, answer)
-        from model.processor import round_up
-        seq_len = round_up(longest, self.bucket)
-        answer_len = min(round_up(answer, 16), seq_len)
-        arrays = [collate(mb, seq_len, (frames or 4) if any_speech else None, answer_len) for mb in examples]
+        longest, frames = _global_max(longest, frames)
+        seq_len, n_frames = step_shape(longest, frames if any_speech else None)
+        arrays = [collate(mb, seq_len, n_frames, min(self.answer_len, seq_len)) for mb in examples]
         return {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
 
 
@@ -769,19 +823,19 @@ class Evaluator:
         from model.checkpoint import host_array
         from model.generate import greedy_search
         from model import processor as P
-        from model.processor import ENDOFTEXT_ID as PAD_ID, round_up
+        from model.processor import ENDOFTEXT_ID as PAD_ID
         loss_sum = n_tok = correct = 0.0
         for start in range(0, len(self.rows), self.batch):
             chunk = self.rows[start:start + self.batch]
             examples = [make_example(r, self.tok) for r in chunk]
             examples += [None] * (self.batch - len(examples))  # one shape for every chunk
-            mb = collate(examples, round_up(max(len(e.ids) for e in examples if e), 32), None)
+            mb = collate(examples, seq_bucket(max(len(e.ids) for e in examples if e)), None)
             l, n = self.loss_fn(params, mb)
             loss_sum, n_tok = loss_sum + float(host_array(l)), n_tok + float(host_array(n))
             # greedy decoding of the left-padded prompts
             prompts = [P.encode_prompt(self.tok, P.build_prompt(r["text"], audio=False)) for r in chunk]
             prompts += [prompts[0]] * (self.batch - len(prompts))
-            width = round_up(max(map(len, prompts)), 32)
+            width = seq_bucket(max(map(len, prompts)))
             ids = np.full((self.batch, width), PAD_ID, np.int32)
             mask = np.zeros((self.batch, width), np.int32)
             for i, p in enumerate(prompts):
@@ -855,6 +909,14 @@ def setting_name(key: str) -> str:
     return derived.get(key, "--" + key.replace("_", "-"))
 
 
+def refuse_other_settings(what: str, old: dict, new: dict) -> None:
+    diff = [f"{setting_name(k)} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+    if diff:
+        raise InputError(f"{what} was made with other settings: {'; '.join(diff)}. Rerun with the run's own "
+                         f"settings (config.json) or use another --run-dir")
+
+
 class RunDir:
     """RUN_DIR: checkpoints/ (orbax: parameters, optimizer state, and a record of the settings), config.json (the
     run's settings and resume history, written once the settings check passed), metrics.jsonl, hf/."""
@@ -879,16 +941,29 @@ class RunDir:
         if "settings" not in meta:
             raise InputError(f"{self.path}: its checkpoint (step {step}) was written by an older train.py that did "
                              f"not record its settings, so a resume cannot be checked; use another --run-dir")
-        old = meta["settings"]
-        diff = [f"{setting_name(k)} {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
-                if old.get(k) != settings.get(k)]
-        if diff:
-            raise InputError(f"{self.path}: its checkpoint (step {step}) was made with other settings: "
-                             f"{'; '.join(diff)}. Rerun with the run's own settings (config.json) or use another "
-                             f"--run-dir")
+        refuse_other_settings(f"{self.path}: its checkpoint (step {step})", meta["settings"], settings)
         now = json.loads(json.dumps(dataclasses.asdict(args)))
         changed = {k: [meta["args"].get(k), now[k]] for k in RESUMABLE if meta["args"].get(k) != now[k]}
         return meta.get("history", []) + [{"resumed_at_step": step, "changed": changed}]
+
+    def finished_export(self) -> dict | None:
+        """hf/training_run.json of a finished run whose checkpoints were removed (see --keep-optimizer-state)."""
+        from model.checkpoint import TRAINING_RUN_FILE
+        path = self.path / "hf" / TRAINING_RUN_FILE
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return record if record.get("finished") else None
+
+    def remove_checkpoints(self) -> None:
+        """Drop the optimizer checkpoints of a finished, exported run: renamed first, so a kill midway leaves no
+        half checkpoint that a rerun would try to resume from."""
+        self.ckpt.close()
+        if self.is_main and (self.path / "checkpoints").exists():
+            doomed = self.path / ".checkpoints.removing"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.rename(self.path / "checkpoints", doomed)
+            shutil.rmtree(doomed)
 
     def save(self, step: int, state: dict, meta: dict) -> None:
         import orbax.checkpoint as ocp
@@ -929,6 +1004,7 @@ def train(args: Args) -> dict:
     maybe_init_distributed()
     import jax
     import jax.numpy as jnp
+    from model.compilation import compilations, enable_persistent_cache
     from model.config import get_config
     from model.manifest import atomic_write_text, read_manifest
     from model.answer import MAX_NEW_TOKENS
@@ -938,6 +1014,8 @@ def train(args: Args) -> dict:
     log = print if is_main else (lambda *a, **k: None)
     run_dir = Path(args.run_dir or REPO / "runs" / args.scheme).absolute()
     dtype = resolve_dtype(args.dtype)
+    enable_persistent_cache(args.compilation_cache)
+    compiled_before = compilations()
 
     # --- the data plan, checked before any model work: manifests, batch, audio files ----------------------------
     config = get_config(args.model)
@@ -957,6 +1035,12 @@ def train(args: Args) -> dict:
     run = RunDir(run_dir, args, is_main)
     start, meta = run.latest()
     history = run.check_resume(start, meta, settings, args) if meta else []
+    finished = run.finished_export() if meta is None else None
+    if finished is not None:  # done before, its checkpoints removed: nothing to train, nothing to reuse wrongly
+        refuse_other_settings(f"{run_dir}: this finished run", finished["settings"], settings)
+        log(f"{run_dir}: finished already ({finished['steps']} steps; hf/ holds its model); nothing to do")
+        return {"scheme": args.scheme, "run_dir": str(run_dir), "steps": finished["steps"],
+                "planned_steps": finished["planned_steps"], "finished": True, "already_finished": True, "losses": []}
 
     # --- mesh, model -----------------------------------------------------------------------------------------------
     m = make_run_mesh(args, batch, config)
@@ -990,7 +1074,7 @@ def train(args: Args) -> dict:
 
     # --- the loop, phase by phase ----------------------------------------------------------------------------------
     loader = StepLoader(plan, [{r["id"]: r for r in rows} for rows in manifests], tok, m.grad_accum, m.micro_batch,
-                        local_batch_rows(m.batch_sh, (m.grad_accum, m.micro_batch)), args.length_bucket)
+                        local_batch_rows(m.batch_sh, (m.grad_accum, m.micro_batch)))
     context = dict(args=args, plan=plan, run=run, m=m, config=config, dtype=dtype, loader=loader,
                    evaluator=evaluator, settings=settings, history=history, log=log)
     t_start, ran, opt_size = time.time(), [], 0
@@ -1004,10 +1088,14 @@ def train(args: Args) -> dict:
 
     # --- export, summary -------------------------------------------------------------------------------------------
     done = total_steps == plan.total_steps
+    export_dtype = args.export_dtype if args.export_dtype != "auto" else \
+        hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
     if args.export:  # also when --max-steps stopped the run early (the record says so); a resume re-exports
-        export(params, hf_config, tok, tokenizer_dir, run_dir / "hf", is_main, {
+        export(params, hf_config, tok, tokenizer_dir, run_dir / "hf", is_main, export_dtype, {
             "finished": done, "steps": total_steps, "planned_steps": plan.total_steps, "settings": settings,
-            "history": history})
+            "history": history, "export_dtype": export_dtype})
+        if done and not args.keep_optimizer_state:
+            run.remove_checkpoints()
     evals = [{"epoch": h["epoch"], "dev_loss": h["dev_loss"], "dev_intent_acc": h["dev_intent_acc"]}
              for h in ran if "dev_loss" in h]
     summary = {"scheme": args.scheme, "run_dir": str(run_dir), "steps": total_steps, "planned_steps": plan.total_steps,
@@ -1016,6 +1104,11 @@ def train(args: Args) -> dict:
                "tokens_per_s": round(sum(h["tokens"] for h in ran) / max(sum(h["seconds"] for h in ran), 1e-9), 1),
                "n_speech_seen": sum(h["n_speech"] for h in ran), "n_text_seen": sum(h["n_text"] for h in ran),
                "opt_state_size": opt_size, "evals": evals,
+               # compilations of this run (every program: steps, evaluation, initialisation), its step shapes and
+               # the share of padded token positions in the steps it ran
+               **(compilations() - compiled_before).to_json(),
+               "step_shapes": sorted({tuple(h["shape"]) for h in ran}, key=lambda s: (s[0], s[1] or 0)),
+               "padding": padding_share(ran),
                "hf_export": str(run_dir / "hf") if args.export else None, "finished": done,
                "losses": [h["loss"] for h in ran]}
     log("summary: " + json.dumps({k: v for k, v in summary.items() if k != "losses"}))
@@ -1089,10 +1182,14 @@ def train_phase(k: int, phase: Phase, params: dict, opt_leaves: list | None, fir
                     f"{'none' if last is None else run.path / 'checkpoints' / str(last)}")
             n_text, n_speech = loader.counts(step)
             seconds = time.time() - t0
+            seq_len = host_batch["input_ids"].shape[-1]
+            frames = host_batch["input_features"].shape[-1] if "input_features" in host_batch else None
+            positions = m.grad_accum * m.micro_batch * seq_len
             row = {"step": step + 1, "epoch": epoch + 1, "phase": k + 1, "loss": metrics["loss"],
                    "lr": float(phase.schedule(step - phase.start)), "n_text": n_text, "n_speech": n_speech,
                    "tokens": int(metrics["tokens"]), "seconds": round(seconds, 4), "grad_norm": metrics["grad_norm"],
-                   "answer_tokens": int(metrics["answer_tokens"])}
+                   "answer_tokens": int(metrics["answer_tokens"]), "shape": [seq_len, frames],
+                   "padding": round(1 - metrics["tokens"] / positions, 4)}
             epoch_end = in_epoch == plan.epochs[epoch]["steps"] - 1
             if epoch_end and evaluator is not None:
                 row.update(evaluator(merge_params(frozen, trainable)))
@@ -1108,7 +1205,14 @@ def train_phase(k: int, phase: Phase, params: dict, opt_leaves: list | None, fir
     return merge_params(frozen, trainable), rows, int(sum(x.size for x in jax.tree.leaves(opt_state)))
 
 
-def export(params: dict, hf_config: dict, tok, tokenizer_dir: str | None, hf_dir: Path, is_main: bool,
+def padding_share(rows: list[dict]) -> float | None:
+    """The share of padded token positions over the steps of `rows` (every step has the same number of rows, so
+    a step's positions are proportional to its sequence length)."""
+    positions = sum(r["shape"][0] for r in rows)
+    return round(sum(r["padding"] * r["shape"][0] for r in rows) / positions, 4) if positions else None
+
+
+def export(params: dict, hf_config: dict, tok, tokenizer_dir: str | None, hf_dir: Path, is_main: bool, dtype: str,
            training_run: dict) -> None:
     """RUN_DIR/hf: the model in Hugging Face format, with the tokenizer and training_run.json (finished or stopped
     by --max-steps, and the settings), all renamed into place together. Every process gathers leaf by leaf
@@ -1119,7 +1223,7 @@ def export(params: dict, hf_config: dict, tok, tokenizer_dir: str | None, hf_dir
         if extra is None:  # a preset: write the tokenizer we trained with beside the weights
             tok.save(str(Path(tmp) / "tokenizer.json"))
             extra = tmp
-        save_hf(params, hf_config, hf_dir, extra_files_from=extra, write=is_main,
+        save_hf(params, hf_config, hf_dir, extra_files_from=extra, write=is_main, dtype=dtype,
                 extra_json={TRAINING_RUN_FILE: training_run})
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -477,10 +478,11 @@ def host_array(x) -> np.ndarray:
 
 def save_hf(params: dict, hf_config: dict, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
             extra_files_from: str | os.PathLike | None = None, write: bool = True,
-            extra_json: dict[str, Any] | None = None) -> Path:
+            extra_json: dict[str, Any] | None = None, dtype: str | None = None) -> Path:
     """Write params as a Hugging Face directory that transformers' from_pretrained loads.
 
-    Tensors keep the dtype of their leaf. The directory is built under a temporary name beside out_dir and
+    Tensors keep the dtype of their leaf, or are cast one at a time to `dtype` ('bfloat16', 'float32'; the
+    config's "dtype" says which). The directory is built under a temporary name beside out_dir and
     renamed into place only when complete; an existing out_dir is replaced at that point, never before. What
     an earlier, killed save_hf of the same out_dir left behind is removed first.
 
@@ -495,6 +497,9 @@ def save_hf(params: dict, hf_config: dict, out_dir: str | os.PathLike, max_shard
     """
     out_dir = Path(out_dir).absolute()
     layout = checkpoint_layout(hf_config)
+    cast = None if dtype is None else np.dtype(jnp.dtype(dtype))
+    if cast is not None:  # transformers 5 writes "dtype"; a config from transformers 4 may carry "torch_dtype"
+        hf_config = {**hf_config, "dtype": cast.name, **({"torch_dtype": cast.name} if "torch_dtype" in hf_config else {})}
     # Plan the shards from shapes and dtypes alone, so nothing is gathered before it is written.
     plan: list[tuple[str, Leaf, int]] = []  # (disk name, leaf, layer index or -1)
     sizes: list[tuple[str, int]] = []
@@ -507,12 +512,13 @@ def save_hf(params: dict, hf_config: dict, out_dir: str | os.PathLike, max_shard
         numel = int(np.prod(leaf.shape))
         for i, name in enumerate(leaf.hf_names()):
             plan.append((name, leaf, i if leaf.layers else -1))
-            sizes.append((name, numel * np.dtype(x.dtype).itemsize))
+            sizes.append((name, numel * (cast or np.dtype(x.dtype)).itemsize))
             total_params += numel
 
     def host_tensor(leaf: Leaf, layer: int) -> np.ndarray:  # one layer of a stacked leaf at a time
         x = _subtree(params, leaf.path, "params")
-        return host_array(x[layer] if layer >= 0 else x)
+        x = host_array(x[layer] if layer >= 0 else x)
+        return x if cast is None else x.astype(cast)
 
     # Every process checks the other files before the first gather, so bad input stops all of them at once.
     source = None if extra_files_from is None else Path(extra_files_from)

@@ -180,7 +180,7 @@ def test_curriculum_last_epoch_starts_a_fresh_adamw_for_the_language_model_and_t
     sources, manifests = train.load_sources(args)
     plan = train.build_plan(args, sources, manifests, 8)
     loader = train.StepLoader(plan, [{r["id"]: r for r in m} for m in manifests], P.load_tokenizer(), 1, 8,
-                              slice(0, 8), 64)
+                              slice(0, 8))
     mb = {k: jnp.asarray(v[0]) for k, v in loader(2).items()}
     assert int(mb["feature_lengths"].astype(bool).sum()) > 0  # the step has recordings: the audio tower learns
     trainable, frozen = train.split_params(boundary, train.ALWAYS_FROZEN)
@@ -218,6 +218,41 @@ def test_resume_with_another_result_setting_is_refused_and_leaves_config_json_un
     assert record["finished"] is False and (record["steps"], record["planned_steps"]) == (2, 3)
 
 
+def test_a_finished_run_keeps_its_export_not_its_optimizer_checkpoints_and_a_rerun_does_nothing(setup, tmp_path):
+    # a finished 7B run would otherwise keep ~100 GB of parameters + Adam moments per checkpoint, twice
+    flags = ("--scheme", "text-only", "--epochs", "1", "--global-batch", "16", "--per-device-batch", "16",
+             "--fsdp", "1")
+    out = run(setup, tmp_path / "r", *flags)
+    assert out["finished"] and not (tmp_path / "r" / "checkpoints").exists()
+    assert (tmp_path / "r" / "hf" / "model.safetensors").is_file() and (tmp_path / "r" / "metrics.jsonl").is_file()
+    again = run(setup, tmp_path / "r", *flags)  # nothing to resume from, nothing to redo
+    assert again["already_finished"] and again["losses"] == []
+    with pytest.raises(train.InputError, match=r"this finished run was made with other settings: --epochs 1 -> 2"):
+        run(setup, tmp_path / "r", *flags[:3], "2", *flags[4:])
+    kept = run(setup, tmp_path / "k", *flags, "--keep-optimizer-state")
+    assert kept["finished"] and (tmp_path / "k" / "checkpoints" / "1").is_dir()
+
+
+def test_the_export_is_written_in_the_source_checkpoints_dtype(setup, tmp_path):
+    # Qwen2-Audio-7B-Instruct ships bfloat16 weights: its fine-tuned export is bfloat16 too (half the disk)
+    from safetensors import safe_open
+    _, params = load_hf(setup["model"], dtype=np.float32)
+    source = tmp_path / "bf16"
+    save_hf(params, {**TINY.to_hf_dict(), "dtype": "bfloat16"}, source, extra_files_from=setup["model"])
+    args = train.parse_args(["--model", str(source), "--train-manifest", str(setup["manifest"]), "--run-dir",
+                             str(tmp_path / "r"), "--dev-manifest", "none", "--no-progress", "--peak-lr", "1e-3",
+                             "--scheme", "text-only", "--epochs", "1", "--global-batch", "16",
+                             "--per-device-batch", "16", "--fsdp", "1"])
+    out = train.train(args)
+    with safe_open(str(tmp_path / "r" / "hf" / "model.safetensors"), "np") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((tmp_path / "r" / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    # and the bfloat16 weights are the trained float32 ones, rounded
+    _, exported = load_hf(tmp_path / "r" / "hf", dtype=np.float32)
+    lm_head = np.asarray(out["params"]["lm_head"]["kernel"])
+    np.testing.assert_array_equal(exported["lm_head"]["kernel"], lm_head.astype(jax.numpy.bfloat16).astype(np.float32))
+
+
 def test_bad_recordings_are_all_reported_with_manifest_line_before_any_model_work(setup, tmp_path):
     import soundfile as sf
     good = demo_rows(0, 1)[0]
@@ -241,15 +276,49 @@ def test_bad_recordings_are_all_reported_with_manifest_line_before_any_model_wor
 
 
 def test_7b_preset_without_random_init_exits_2_naming_the_fix_and_allocates_nothing(tmp_path):
-    probe = ("import resource, runpy, sys; sys.argv = ['train.py', '--model', '7b', '--run-dir', %r]\n"
+    # peak memory of this program alone: VmHWM (ru_maxrss would include the forking test process's pages)
+    probe = ("import re, runpy, sys; sys.argv = ['train.py', '--model', '7b', '--run-dir', %r]\n"
              "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
-             "finally:\n    print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
-             % str(tmp_path / "run"))
+             "finally:\n    print('maxrss_kb', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1],"
+             " file=sys.stderr)" % str(tmp_path / "run"))
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Hugging Face Qwen2-Audio directory" in out.stderr and "--random-init" in out.stderr
     assert int(out.stderr.split("maxrss_kb")[1].split()[0]) < 2_000_000  # 8.4 B fp32 parameters would be 34 GB
     assert not (tmp_path / "run").exists()
+
+
+def test_padding_to_the_step_shape_buckets_leaves_the_loss_unchanged(setup):
+    # padded positions carry no loss and are masked out of attention: bucketing only costs compute
+    import jax.numpy as jnp
+    from model.config import get_config
+    _, params = load_hf(setup["model"], dtype=np.float32)
+    config, tok = get_config(str(setup["model"])), P.load_tokenizer()
+    examples = [train.make_example(r, tok) for r in demo_rows(2, 2)]
+    tokens = max(len(e.ids) for e in examples)
+    frames = max(e.features.shape[1] for e in examples if e.features is not None)
+    answer = max(len(e.ids) - e.n_prompt for e in examples)
+    tight = train.collate(examples, tokens, frames, answer)
+    seq_len, n_frames = train.step_shape(tokens, frames)
+    assert (seq_len, n_frames) != (tokens, frames)
+    padded = train.collate(examples + [None], seq_len, n_frames, 64)
+    losses = [train.answer_loss(params, config, {k: jnp.asarray(v) for k, v in b.items()}, jnp.float32, "none")
+              for b in (tight, padded)]
+    assert float(losses[0][1]) == float(losses[1][1]) > 0  # the same answer tokens
+    assert float(losses[1][0]) == pytest.approx(float(losses[0][0]), rel=1e-5)
+
+
+def test_a_second_run_with_the_same_shapes_compiles_nothing_and_reports_shapes_and_padding(setup, tmp_path):
+    flags = ("--scheme", "direct", "--speech-fraction", "1.0", "--epochs", "1", "--per-device-batch", "8",
+             "--grad-accum", "1", "--fsdp", "1", "--max-steps", "1", "--compilation-cache", str(tmp_path / "cache"))
+    first = run(setup, tmp_path / "a", *flags)
+    second = run(setup, tmp_path / "b", *flags)
+    assert first["compiled"] > 0 and first["compile_seconds"] > 0
+    assert second["compiled"] == 0 and second["cache_hits"] > 0, second
+    assert first["losses"] == second["losses"]
+    row = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step_shapes"] == [tuple(row["shape"])] == [train.step_shape(*row["shape"])]  # a bucketed shape
+    assert 0 < row["padding"] < 1 and first["padding"] == row["padding"]
 
 
 # --- sharding, accumulation ----------------------------------------------------------------------------------------
