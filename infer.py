@@ -28,12 +28,21 @@ settings, and the rows whose generation hit --max-new-tokens without an end toke
 
 Bad input (flags, manifest, audio headers, model directory, an --out that cannot be written) is reported before
 the model is loaded, as `infer.py: error: file:line: message` with exit status 2.
+
+Will it fit a TPU slice? `--aot-topology v5p-8` compiles, on this machine (CPU only; needs libtpu, see
+requirements-test.txt), the exact decode this run would execute on that slice: greedy or beam search, the batch,
+the mesh flags, the dtype, and the largest shape bucket of --manifest (or the prompt stated by --aot-seq-len /
+--aot-audio-seconds). It loads no weights and reads no audio (only headers), prints one JSON object (memory per
+chip, HBM, fits, compile time: model/aot.py) and exits 0 if the decode fits, 3 if not (with what to change):
+
+    python infer.py --model 7b --aot-topology v5p-8 --aot-audio-seconds 30 --batch-size 32 --num-beams 3
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -48,17 +57,13 @@ import numpy as np
 import tyro
 from tqdm import tqdm
 
-from model import checkpoint, generate, processor, qwen2_audio, sharding
+from model import aot, checkpoint, generate, processor, qwen2_audio, sharding
 from model.answer import MAX_NEW_TOKENS, parse_answer
-from model.config import ConfigError, Qwen2AudioConfig, get_config
+from model.config import PRESETS, ConfigError, Qwen2AudioConfig, get_config
 from model.manifest import ManifestError, atomic_write_text, iter_jsonl, jsonl_text, read_manifest
+from model.compilation import compilations, enable_persistent_cache
 from model.processor import round_up
 
-# Bucket granularity: prompt lengths are padded up to a multiple of TOKEN_BUCKET tokens and audio up to a
-# multiple of FRAME_BUCKET mel frames (100 frames = 1 s; 30 s at most, longer clips are truncated like the
-# reference does), so a test set compiles a handful of shapes.
-TOKEN_BUCKET = 64
-FRAME_BUCKET = 500
 
 
 class InputError(ValueError):
@@ -68,11 +73,12 @@ class InputError(ValueError):
 @dataclasses.dataclass
 class Args:
     model: str
-    """Hugging Face model directory, train.py run directory (RUN_DIR/hf is used), or `tiny` (random weights)."""
-    manifest: str
-    """Manifest JSONL to decode."""
-    out: str
-    """Where to write the predictions JSONL."""
+    """Hugging Face model directory, train.py run directory (RUN_DIR/hf is used), or `tiny` (random weights); with
+    --aot-topology also a preset of model/config.py (e.g. `7b`): only its config is read."""
+    manifest: str | None = None
+    """Manifest JSONL to decode (required, but with --aot-topology and its shape flags)."""
+    out: str | None = None
+    """Where to write the predictions JSONL (required, but with --aot-topology)."""
     num_beams: int = 3
     """Beam width; 1 = greedy."""
     max_new_tokens: int = MAX_NEW_TOKENS
@@ -93,14 +99,39 @@ class Args:
     outputs then differ from the fp32 reference at near-ties), bfloat16 on an accelerator; train.py's rule."""
     seed: int = 0
     """Seed of the random weights of `--model tiny`."""
+    compilation_cache: str = "auto"
+    """JAX's persistent compilation cache (as train.py's): 'auto', a directory, or 'none'."""
+    aot_topology: str | None = None
+    """Compile this run's decode for a TPU slice (v4-8, v5e-16, v5p-8, v6e-8, ...: model/aot.py's table) instead of
+    running it: prints memory per chip and whether it fits as one JSON object, exits 0 if it fits, 3 if not."""
+    aot_seq_len: int | None = None
+    """--aot-topology: the prompt length in tokens (padded to the run's bucket) instead of the manifest's longest;
+    text prompts unless --aot-audio-seconds is given too, when it must hold that clip's prompt."""
+    aot_audio_seconds: float | None = None
+    """--aot-topology: audio prompts of clips this long (at most 30 s) instead of the manifest's longest."""
 
 
 def check_args(args: Args) -> None:
     if args.num_beams < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise InputError(f"--num-beams, --max-new-tokens and --batch-size must be >= 1, got {args.num_beams}, "
                          f"{args.max_new_tokens} and {args.batch_size}")
-    if Path(args.out).resolve() == Path(args.manifest).resolve():
-        raise InputError(f"--out {args.out}: is the manifest being decoded; choose another file")
+    stated = {"--aot-seq-len": args.aot_seq_len, "--aot-audio-seconds": args.aot_audio_seconds}
+    if args.aot_topology is None:
+        if any(v is not None for v in stated.values()):
+            raise InputError(f"{' and '.join(k for k, v in stated.items() if v is not None)}: only with --aot-topology")
+        if args.manifest is None or args.out is None:
+            raise InputError("--manifest and --out are required (only --aot-topology runs without them)")
+        if Path(args.out).resolve() == Path(args.manifest).resolve():
+            raise InputError(f"--out {args.out}: is the manifest being decoded; choose another file")
+        return
+    if args.manifest is None and all(v is None for v in stated.values()):
+        raise InputError("--aot-topology: give the shapes to compile: --manifest (its largest batch) or "
+                         "--aot-seq-len / --aot-audio-seconds")
+    if args.aot_seq_len is not None and args.aot_seq_len < 1:
+        raise InputError(f"--aot-seq-len must be >= 1, got {args.aot_seq_len}")
+    if args.aot_audio_seconds is not None and not 0 < args.aot_audio_seconds <= processor.MAX_AUDIO_SECONDS:
+        raise InputError(f"--aot-audio-seconds must lie in (0, {processor.MAX_AUDIO_SECONDS:g}] (longer clips are "
+                         f"cut to 30 s), got {args.aot_audio_seconds}")
 
 
 def check_out_path(out: str) -> None:
@@ -168,9 +199,14 @@ def read_training_run(model_dir: str | None) -> dict | None:
     return {field: record[field] for field in ("finished", "steps", "planned_steps")}
 
 
-def load_model(model_dir: str | None, dtype, seed: int, mesh) -> tuple[Qwen2AudioConfig, dict]:
-    """(config, params placed on the mesh): the checkpoint in model_dir, or random `tiny` weights from seed."""
+def load_model(model_dir: str | None, dtype, seed: int, mesh,
+               ids: processor.SpecialIds) -> tuple[Qwen2AudioConfig, dict]:
+    """(config, params placed on the mesh): the checkpoint in model_dir, or random `tiny` weights from seed. The
+    config's <|AUDIO|> id must be the tokenizer's."""
     config = get_config("tiny") if model_dir is None else Qwen2AudioConfig.from_pretrained(model_dir)
+    if config.audio_token_index != ids.audio:
+        raise InputError(f"{model_dir}: config.json's audio_token_index {config.audio_token_index} is not the "
+                         f"tokenizer's <|AUDIO|> id {ids.audio}")
     shardings = sharding.param_shardings(mesh, qwen2_audio.abstract_params(config, dtype))
     if model_dir is None:
         init = jax.jit(lambda rng: qwen2_audio.init_params(config, rng, dtype), out_shardings=shardings)
@@ -230,10 +266,10 @@ def plan_rows(rows: list[dict], tok, use_audio: bool, source: str) -> list[dict]
     return items
 
 
-def hit_limit(new: list[int], max_new_tokens: int) -> bool:
+def hit_limit(new: list[int], max_new_tokens: int, eos_ids: tuple[int, ...]) -> bool:
     """Whether a row's generation stopped at the token limit rather than at an end token: its answer may be cut.
     (One that ends in an end token exactly at the limit is complete.)"""
-    return len(new) >= max_new_tokens and new[-1] not in generate.EOS_IDS
+    return len(new) >= max_new_tokens and new[-1] not in eos_ids
 
 
 def batches(items: list[dict], batch_size: int) -> list[list[dict]]:
@@ -243,9 +279,20 @@ def batches(items: list[dict], batch_size: int) -> list[list[dict]]:
     return [group[i:i + batch_size] for group in groups for i in range(0, len(group), batch_size)]
 
 
+def token_bucket(n_tokens: int) -> int:
+    """Columns of a batch whose longest prompt has n_tokens (train.py's sequence buckets: few decode shapes)."""
+    return processor.seq_bucket(n_tokens)
+
+
+def frame_bucket(n_frames: int) -> int:
+    """Mel frames of a batch whose longest clip has n_frames: the clip and the 2 frames the encoder's
+    convolutions read past it (processor.bucket_frames), in train.py's audio buckets (4, 8, 16, 30 s)."""
+    return processor.audio_bucket(processor.bucket_frames(n_frames))
+
+
 def make_batch(items: list[dict], tok, batch_size: int, pad_id: int) -> dict:
     """Left-padded numpy arrays for one batch (all audio rows or all text rows), padded to its shape bucket:
-    batch_size rows, the prompt length rounded up to TOKEN_BUCKET, the audio to FRAME_BUCKET.
+    batch_size rows, the prompt length and the audio in their buckets (token_bucket, frame_bucket).
 
     Padding rows repeat the first row (an all-masked row would attend to nothing) and are dropped afterwards.
     """
@@ -255,8 +302,7 @@ def make_batch(items: list[dict], tok, batch_size: int, pad_id: int) -> dict:
         waves = [processor.load_audio(item["row"]["audio"]) for item in items]
         # Features computed straight at the bucket length, so every frame past a clip's end is the reference's own
         # padding frame (the encoder's convolutions read 2 frames past the last real one).
-        longest = max(processor.num_frames(len(w)) for w in waves)
-        frames = min(processor.CHUNK_FRAMES, round_up(longest, FRAME_BUCKET))
+        frames = frame_bucket(max(processor.num_frames(len(w)) for w in waves))
         out = [processor.log_mel_features(w, out_frames=frames) for w in waves]
         n_frames = [n for _, n in out]
         ids = [processor.encode_prompt(tok, item["prompt"], int(processor.num_audio_tokens(n)))
@@ -265,7 +311,7 @@ def make_batch(items: list[dict], tok, batch_size: int, pad_id: int) -> dict:
         batch["feature_lengths"] = np.array([n_frames[r] for r in rows], np.int32)
     else:
         ids = [processor.encode_prompt(tok, item["prompt"]) for item in items]
-    seq = round_up(max(len(x) for x in ids), TOKEN_BUCKET)
+    seq = token_bucket(max(len(x) for x in ids))
     batch["input_ids"] = np.full((batch_size, seq), pad_id, np.int32)
     batch["attention_mask"] = np.zeros((batch_size, seq), np.int32)
     for b, r in enumerate(rows):
@@ -273,6 +319,19 @@ def make_batch(items: list[dict], tok, batch_size: int, pad_id: int) -> dict:
         batch["attention_mask"][b, seq - len(ids[r]):] = 1
     return batch
 
+
+def decoder(num_beams: int, max_new_tokens: int, dtype, ids: processor.SpecialIds) -> tuple:
+    """(the jitted search, its keyword arguments): the one decode program of a run, and of --aot-topology. It
+    stops at the tokenizer's end tokens (the checkpoint's, never assumed)."""
+    static = {"max_new_tokens": max_new_tokens, "eos_ids": ids.eos, "pad_id": ids.pad, "dtype": dtype}
+    if num_beams == 1:
+        return generate.greedy_search, static
+    return generate.beam_search, {"num_beams": num_beams, **static}
+
+
+def run_batch_size(batch_size: int, mesh) -> int:
+    """Batch rows are split over the data and fsdp axes, so the batch is rounded up to a multiple of their product."""
+    return round_up(batch_size, mesh.shape["data"] * mesh.shape["fsdp"])
 
 
 def output_row(row: dict, prompt: str, generated: str) -> dict:
@@ -310,28 +369,29 @@ def main(args: Args) -> dict:
               f"first 30 s, as Qwen2-Audio's processor does (ids in {meta_path(args.out)})", file=sys.stderr)
 
     dtype = jnp.dtype(sharding.resolve_dtype(args.dtype))
+    enable_persistent_cache(args.compilation_cache)
+    compiled_before = compilations()
     mesh = sharding.make_mesh(args.data_parallel, args.fsdp, args.tensor_parallel)
-    # Batch rows are split over the data and fsdp axes, so the batch must be a multiple of their product.
-    batch_size = round_up(args.batch_size, mesh.shape["data"] * mesh.shape["fsdp"])
-    config, params = load_model(model_dir, dtype, args.seed, mesh)
+    batch_size = run_batch_size(args.batch_size, mesh)
+    ids = processor.special_ids(tok)
+    search, static = decoder(args.num_beams, args.max_new_tokens, dtype, ids)
+    config, params = load_model(model_dir, dtype, args.seed, mesh, ids)
     batch_sharding = sharding.batch_sharding(mesh)
 
     results: list[dict | None] = [None] * len(rows)
     shapes, n_generated, n_failed, cut = set(), 0, 0, []  # cut: manifest indices
+    positions = [0, 0]  # prompt positions of the real rows, all prompt positions decoded (padding share)
 
     def dispatch(chunk: list[dict]):
         """Build a batch on the host and start decoding it; JAX returns before the device is done."""
-        batch = make_batch(chunk, tok, batch_size, generate.PAD_ID)
+        batch = make_batch(chunk, tok, batch_size, ids.pad)
         shapes.add(tuple(None if x is None else x.shape for x in batch.values()))
+        positions[0] += int(batch["attention_mask"][:len(chunk)].sum())
+        positions[1] += batch["attention_mask"].size
         inputs = [None if batch[key] is None else jax.device_put(batch[key], batch_sharding)
                   for key in ("input_ids", "attention_mask", "input_features", "feature_lengths")]
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-            if args.num_beams == 1:
-                out = generate.greedy_search(params, config, *inputs, max_new_tokens=args.max_new_tokens,
-                                             dtype=dtype)
-            else:
-                out = generate.beam_search(params, config, *inputs, num_beams=args.num_beams,
-                                           max_new_tokens=args.max_new_tokens, dtype=dtype)
+            out = search(params, config, *inputs, **static)
         return chunk, out
 
     def collect(chunk: list[dict], out) -> None:
@@ -342,7 +402,7 @@ def main(args: Args) -> dict:
             n_generated += len(new)
             result = output_row(item["row"], item["prompt"], tok.decode(new, skip_special_tokens=True))
             n_failed += result["parse_error"] is not None
-            if hit_limit(new, args.max_new_tokens):
+            if hit_limit(new, args.max_new_tokens, ids.eos):
                 cut.append(item["index"])
             results[item["index"]] = result
         bar.update(len(chunk))
@@ -371,16 +431,23 @@ def main(args: Args) -> dict:
                          "dtype": dtype.name, "batch_size": batch_size, "seed": args.seed if model_dir is None else None},
             "rows": len(rows), "parse_failures": n_failed,
             "hit_max_new_tokens": len(cut_ids), "hit_max_new_tokens_ids": cut_ids,
-            "audio_cut_at_30s": len(long_ids), "audio_cut_at_30s_ids": long_ids}
+            "audio_cut_at_30s": len(long_ids), "audio_cut_at_30s_ids": long_ids,
+            # the programs this decoding compiled (or loaded from the persistent cache), its batch shapes, and the
+            # share of prompt positions that were padding
+            **(compilations() - compiled_before).to_json(), "batch_shapes": len(shapes),
+            "padding": round(1 - positions[0] / max(positions[1], 1), 4)}
     atomic_write_text(meta_path(args.out), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(args.out, text)
 
     # Wall time from the first batch to the last, compilation included (one per batch shape).
     summary = {"rows": len(rows), "seconds": round(seconds, 2), "rows_per_s": round(len(rows) / seconds, 2),
                "generated_tokens": n_generated, "tokens_per_s": round(n_generated / seconds, 1),
-               "parse_failures": n_failed, "hit_max_new_tokens": len(cut_ids), "batch_shapes": len(shapes),
+               "parse_failures": n_failed, "hit_max_new_tokens": len(cut_ids),
+               **{k: meta[k] for k in ("compiled", "cache_hits", "compile_seconds", "batch_shapes", "padding")},
                "meta": str(meta_path(args.out))}
-    print(f"wrote {len(rows)} rows to {args.out} in {seconds:.1f} s ({len(shapes)} batch shape(s) compiled): "
+    print(f"wrote {len(rows)} rows to {args.out} in {seconds:.1f} s ({len(shapes)} batch shape(s); "
+          f"{meta['compiled']} program(s) compiled, {meta['cache_hits']} from the cache, {meta['compile_seconds']} s; "
+          f"{meta['padding']:.0%} padding): "
           f"{summary['rows_per_s']} rows/s, {summary['tokens_per_s']} generated tokens/s, "
           f"{n_failed} answer(s) that did not parse", file=sys.stderr)
     if cut_ids:
@@ -390,9 +457,94 @@ def main(args: Args) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+# ---- --aot-topology: compile the decode for a TPU slice ---------------------------------------------------------
+
+def aot_remedies(mesh) -> dict[str, str]:
+    """What to change when the decode does not fit, for each consumer aot.largest_consumers names."""
+    shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
+    params = (f"the weights are sharded over all {mesh.size} chips already: a larger slice" if shards == mesh.size
+              else f"each chip holds 1/{shards} of the weights: shard them over more chips with --fsdp "
+                   f"(--data-parallel 1 --fsdp -1: all of them)")
+    return {"params": params,
+            "temporaries": "the KV cache and activations grow with rows per chip x --num-beams x (prompt + "
+                           "--max-new-tokens): lower --batch-size (rows per chip) or --num-beams",
+            "input_features": "lower --batch-size"}
+
+
+def audio_prompt_tokens(tok, n_frames: int) -> int:
+    """Tokens of the prompt of an n_frames clip: the instruction and the clip's <|AUDIO|> tokens."""
+    prompt = processor.build_prompt(None, audio=True)
+    return len(processor.encode_prompt(tok, prompt, int(processor.num_audio_tokens(n_frames))))
+
+
+def aot_shape(args: Args, tok) -> tuple[int, int | None]:
+    """(prompt columns, mel frames; None for text prompts) of the largest batch the run decodes, in its buckets:
+    the stated --aot-seq-len / --aot-audio-seconds, else the longest prompt and longest clip of --manifest (audio
+    rows if it has any: their batches are the large ones). Reads audio headers only."""
+    if args.aot_audio_seconds is not None:
+        frames = processor.num_frames(round(args.aot_audio_seconds * processor.SAMPLE_RATE))
+        needed = audio_prompt_tokens(tok, frames)
+        if args.aot_seq_len is not None and args.aot_seq_len < needed:
+            raise InputError(f"--aot-seq-len {args.aot_seq_len}: the prompt of a {args.aot_audio_seconds:g} s clip "
+                             f"has {needed} tokens ({int(processor.num_audio_tokens(frames))} of them audio); "
+                             f"give at least {needed}, or leave --aot-seq-len out")
+        return token_bucket(args.aot_seq_len or needed), frame_bucket(frames)
+    if args.aot_seq_len is not None:
+        return token_bucket(args.aot_seq_len), None
+    rows = read_manifest(args.manifest, check_audio_exists=args.input == "auto")
+    items = plan_rows(rows, tok, use_audio=args.input == "auto", source=args.manifest)
+    audio = [item for item in items if item["from_audio"]]
+    if not audio:  # key: (1, 0.0, prompt tokens)
+        return token_bucket(max(item["key"][2] for item in items)), None
+    # key: (0, seconds, prompt tokens with one audio token). The 16 kHz waveform has ceil(seconds * 16000)
+    # samples (load_audio's resampling); the 1e-6 keeps a float just above a whole count from adding one.
+    frames = [processor.num_frames(math.ceil(item["key"][1] * processor.SAMPLE_RATE - 1e-6)) for item in audio]
+    tokens = [item["key"][2] - 1 + int(processor.num_audio_tokens(n)) for item, n in zip(audio, frames)]
+    return token_bucket(max(tokens)), frame_bucket(max(frames))
+
+
+def aot_main(args: Args) -> int:
+    """Compile the decode for --aot-topology and print its report; the exit status (aot.EXIT_FITS or
+    aot.EXIT_DOES_NOT_FIT)."""
+    check_args(args)
+    devices, topology = aot.topology_devices(args.aot_topology)
+    model_dir = None if args.model in PRESETS else resolve_model_dir(args.model)
+    config = get_config(args.model) if model_dir is None else Qwen2AudioConfig.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
+    seq, frames = aot_shape(args, tok)
+    # --dtype auto on the accelerator this compiles for: bfloat16, sharding.resolve_dtype's accelerator rule.
+    dtype = jnp.dtype("bfloat16" if args.dtype == "auto" else args.dtype)
     try:
-        main(tyro.cli(Args))
-    except (InputError, ManifestError, ConfigError, FileNotFoundError) as e:  # bad input: one clear message
+        mesh = sharding.make_mesh(args.data_parallel, args.fsdp, args.tensor_parallel, devices=devices)
+    except ValueError as e:
+        raise InputError(f"--aot-topology {topology.name} ({topology.chips} chips): {e}") from None
+    batch_size = run_batch_size(args.batch_size, mesh)
+
+    abstract = qwen2_audio.abstract_params(config, dtype)
+    params = aot.abstract_like(nn.unbox(abstract), sharding.param_shardings(mesh, abstract))
+    rows = sharding.batch_sharding(mesh)
+    inputs = {"input_ids": jax.ShapeDtypeStruct((batch_size, seq), jnp.int32, sharding=rows),
+              "attention_mask": jax.ShapeDtypeStruct((batch_size, seq), jnp.int32, sharding=rows),
+              "input_features": None, "feature_lengths": None}
+    if frames is not None:  # make_batch's float32 log-mel features and their valid lengths
+        inputs["input_features"] = jax.ShapeDtypeStruct((batch_size, config.audio.num_mel_bins, frames),
+                                                         jnp.float32, sharding=rows)
+        inputs["feature_lengths"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows)
+    search, static = decoder(args.num_beams, args.max_new_tokens, dtype, processor.special_ids(tok))
+    workload = {"model": args.model, "num_beams": args.num_beams, "batch_size": batch_size,
+                "rows_per_chip": batch_size // (mesh.shape["data"] * mesh.shape["fsdp"]), "prompt_tokens": seq,
+                "audio_frames": frames, "max_new_tokens": args.max_new_tokens, "dtype": dtype.name}
+    report = aot.compile_report(search, {"params": params, "config": config, **inputs}, topology, mesh,
+                                kwargs=static, workload=workload)
+    return aot.emit(report, aot_remedies(mesh), "infer.py")
+
+
+if __name__ == "__main__":
+    cli = tyro.cli(Args)
+    try:
+        if cli.aot_topology is not None:
+            sys.exit(aot_main(cli))
+        main(cli)
+    except (InputError, ManifestError, ConfigError, aot.AotError, FileNotFoundError) as e:  # bad input: one message
         print(f"infer.py: error: {e}", file=sys.stderr)
         sys.exit(2)

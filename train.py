@@ -516,22 +516,21 @@ def make_example(row: dict, tok) -> Example:
         features, n_frames = None, 0
         prompt_ids = P.encode_prompt(tok, P.build_prompt(row["text"], audio=False))
     # <|im_end|> closes the assistant turn; it is trained, so the model learns to stop
-    return Example(list(prompt_ids) + encode_text(tok, answer) + [P.IM_END_ID], len(prompt_ids), features,
-                   int(n_frames))
+    return Example(list(prompt_ids) + encode_text(tok, answer) + [P.token_id(tok, P.IM_END)], len(prompt_ids),
+                   features, int(n_frames))
 
 
 def collate(examples: list[Example | None], seq_len: int, n_frames_max: int | None,
-            answer_len: int | None = None) -> dict[str, np.ndarray]:
+            answer_len: int | None = None, pad_id: int = 0) -> dict[str, np.ndarray]:
     """Right-padded arrays. None = a padding row (the last step of an epoch): one token, no loss.
 
     targets[t] = ids[t+1] and loss_mask[t] = 1 where that next token is part of the answer (or its <|im_end|>),
     so the loss is on the assistant's answer only. answer_index [b, answer_len] lists those positions (padded
     with 0, where loss_mask is always 0): the model computes logits only there. Transcript rows in a batch with speech get all-zero features
     and feature_lengths 0 (the encoder masks them out entirely)."""
-    from model.processor import ENDOFTEXT_ID as PAD_ID  # right padding, masked out of attention and loss
-    b = len(examples)
-    out = {"input_ids": np.full((b, seq_len), PAD_ID, np.int32), "attention_mask": np.zeros((b, seq_len), np.int32),
-           "targets": np.full((b, seq_len), PAD_ID, np.int32), "loss_mask": np.zeros((b, seq_len), np.float32)}
+    b = len(examples)  # pad_id fills padded positions, masked out of attention and loss (any id would do)
+    out = {"input_ids": np.full((b, seq_len), pad_id, np.int32), "attention_mask": np.zeros((b, seq_len), np.int32),
+           "targets": np.full((b, seq_len), pad_id, np.int32), "loss_mask": np.zeros((b, seq_len), np.float32)}
     if answer_len is None:
         answer_len = max([len(ex.ids) - ex.n_prompt for ex in examples if ex is not None] + [1])
     out["answer_index"] = np.zeros((b, answer_len), np.int32)
@@ -555,41 +554,25 @@ def collate(examples: list[Example | None], seq_len: int, n_frames_max: int | No
 
 
 # Step shapes. Every new (sequence length, audio frames) pair compiles a new train step (minutes for 7b), so
-# both are padded up to a short list: sequences to 64, 96, 128, 192, 256, 384, ... (x1.5, then x4/3: at most a
-# third of the positions are padding), audio to 4, 8, 16 or 30 s. A SLURP-like epoch then runs a handful of
-# shapes (bench.py --shapes measures the trade-off). The answer length is one per run: the longest answer.
-AUDIO_BUCKETS = (400, 800, 1600, 3000)  # mel frames (100 per second); 3000 = 30 s, the encoder's limit
-
-
-def seq_bucket(n: int) -> int:
-    """The padded length of an n-token sequence: the smallest of 64, 96, 128, 192, 256, 384, ... that is >= n."""
-    size = 64
-    while True:
-        for candidate in (size, size * 3 // 2):
-            if candidate >= n:
-                return candidate
-        size *= 2
-
-
-def audio_bucket(n_frames: int) -> int:
-    """The padded mel-frame count of a micro-batch whose longest clip's features have n_frames frames."""
-    return next(b for b in AUDIO_BUCKETS if b >= n_frames)
-
-
+# both are padded up to short lists (model/processor.py: seq_bucket, audio_bucket). A SLURP-like epoch then runs a
+# handful of shapes (tests/test_train_plan.py; `bench.py shapes` prints the trade-off). One answer length per run.
 def step_shape(longest_tokens: int, longest_frames: int | None) -> tuple[int, int | None]:
     """(sequence length, audio frames or None for a step without recordings) that a step is padded to."""
+    from model.processor import audio_bucket, seq_bucket
     return seq_bucket(longest_tokens), None if longest_frames is None else audio_bucket(longest_frames)
 
 
-def plan_step_shapes(plan: Plan, lengths: dict[tuple, tuple[int, int | None]], step_rows: int) -> list[dict]:
+def plan_step_shapes(plan: Plan, lengths: dict[tuple, tuple[int, int | None]], step_rows: int,
+                     shape_of=None) -> list[dict]:
     """Per optimizer step of the plan: its shape and padded share, from each row's (tokens, feature frames or None)
-    alone: what StepLoader would build, without tokenizing or reading audio (bench.py --shapes)."""
+    alone: what StepLoader would build, without tokenizing or reading audio (bench.py shapes; shape_of: another
+    bucketing to compare, default step_shape)."""
     out = []
     for step in range(plan.total_steps):
         keys = plan.step_keys(step)
         tokens = [lengths[k][0] for k in keys]
         frames = [lengths[k][1] for k in keys if lengths[k][1] is not None]
-        shape = step_shape(max(tokens), max(frames) if frames else None)
+        shape = (shape_of or step_shape)(max(tokens), max(frames) if frames else None)
         out.append({"shape": shape, "padding": 1 - sum(tokens) / (step_rows * shape[0])})
     return out
 
@@ -604,10 +587,12 @@ class StepLoader:
 
     def __init__(self, plan: Plan, rows: list[dict[str, dict]], tok, grad_accum: int, micro_batch: int,
                  local_rows: slice):
+        from model import processor as P
         from model.answer import render_answer
         from model.processor import round_up
         self.plan, self.rows, self.tok = plan, rows, tok
         self.grad_accum, self.micro_batch, self.local = grad_accum, micro_batch, local_rows
+        self.pad_id = P.special_ids(tok).pad
         # one answer length for the whole run (logits are computed only there, so its padding is cheap)
         used = {k for keys in plan.epoch_keys for k in keys}
         longest = max(len(encode_text(tok, render_answer(r["scenario"], r["action"], r["entities"])))
@@ -631,7 +616,7 @@ class StepLoader:
         any_speech = any(self.rows[k[0]][k[1]]["audio"] is not None for k in keys if k is not None)
         longest, frames = _global_max(longest, frames)
         seq_len, n_frames = step_shape(longest, frames if any_speech else None)
-        arrays = [collate(mb, seq_len, n_frames, min(self.answer_len, seq_len)) for mb in examples]
+        arrays = [collate(mb, seq_len, n_frames, min(self.answer_len, seq_len), self.pad_id) for mb in examples]
         return {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
 
 
@@ -798,8 +783,12 @@ def load_model(args: Args, config, param_sh, dtype_params):
     from model.checkpoint import load_hf
     from model.qwen2_audio import init_params
     if os.path.isdir(args.model):
+        tok = P.load_tokenizer(args.model)
+        if config.audio_token_index != P.special_ids(tok).audio:  # the ids come from the checkpoint: agree
+            raise InputError(f"{args.model}: config.json's audio_token_index {config.audio_token_index} is not the "
+                             f"tokenizer's <|AUDIO|> id {P.special_ids(tok).audio}")
         hf_config, params = load_hf(args.model, dtype=dtype_params, shardings=param_sh)
-        return hf_config, params, P.load_tokenizer(args.model), args.model
+        return hf_config, params, tok, args.model
     init = jax.jit(lambda rng: init_params(config, rng, dtype_params), out_shardings=param_sh)
     return config.to_hf_dict(), init(jax.random.PRNGKey(args.seed)), P.load_tokenizer(None), None
 
@@ -823,25 +812,26 @@ class Evaluator:
         from model.checkpoint import host_array
         from model.generate import greedy_search
         from model import processor as P
-        from model.processor import ENDOFTEXT_ID as PAD_ID
+        ids_of = P.special_ids(self.tok)
         loss_sum = n_tok = correct = 0.0
         for start in range(0, len(self.rows), self.batch):
             chunk = self.rows[start:start + self.batch]
             examples = [make_example(r, self.tok) for r in chunk]
             examples += [None] * (self.batch - len(examples))  # one shape for every chunk
-            mb = collate(examples, seq_bucket(max(len(e.ids) for e in examples if e)), None)
+            mb = collate(examples, P.seq_bucket(max(len(e.ids) for e in examples if e)), None, pad_id=ids_of.pad)
             l, n = self.loss_fn(params, mb)
             loss_sum, n_tok = loss_sum + float(host_array(l)), n_tok + float(host_array(n))
             # greedy decoding of the left-padded prompts
             prompts = [P.encode_prompt(self.tok, P.build_prompt(r["text"], audio=False)) for r in chunk]
             prompts += [prompts[0]] * (self.batch - len(prompts))
-            width = seq_bucket(max(map(len, prompts)))
-            ids = np.full((self.batch, width), PAD_ID, np.int32)
+            width = P.seq_bucket(max(map(len, prompts)))
+            ids = np.full((self.batch, width), ids_of.pad, np.int32)
             mask = np.zeros((self.batch, width), np.int32)
             for i, p in enumerate(prompts):
                 ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
             out = greedy_search(params, self.config, jnp.asarray(ids), jnp.asarray(mask),
-                                max_new_tokens=self.max_new_tokens, dtype=self.dtype)
+                                max_new_tokens=self.max_new_tokens, eos_ids=ids_of.eos, pad_id=ids_of.pad,
+                                dtype=self.dtype)
             tokens, lengths = host_array(out.tokens), host_array(out.lengths)
             for i, row in enumerate(chunk):
                 labels, _ = parse_answer(self.tok.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True))

@@ -43,7 +43,6 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from model import processor as P
-from model.generate import EOS_IDS, PAD_ID
 from model.manifest import apply_umask
 
 CONFIG_NAME = "config.json"
@@ -362,11 +361,11 @@ def preprocessor_config() -> dict:
     }
 
 
-def tokenizer_config() -> dict:
-    """The hub's tokenizer settings: the special tokens at their ids, <|im_end|> ends a turn, <|endoftext|> pads,
-    no BOS; the tokenizer itself is tokenizer.json (or vocab.json + merges.txt) beside it."""
-    added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                      "special": True} for t, i in P.SPECIAL_TOKENS.items()}
+def tokenizer_config(tok) -> dict:
+    """The hub's tokenizer settings: the special tokens at the ids this tokenizer gives them, <|im_end|> ends a turn,
+    <|endoftext|> pads, no BOS; the tokenizer itself is tokenizer.json (or vocab.json + merges.txt) beside it."""
+    added = {str(P.token_id(tok, t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                       "single_word": False, "special": True} for t in P.SPECIAL_TOKENS}
     return {
         "add_prefix_space": False, "added_tokens_decoder": added,
         "additional_special_tokens": [t for t in P.SPECIAL_TOKENS if t != P.ENDOFTEXT],
@@ -376,10 +375,10 @@ def tokenizer_config() -> dict:
     }
 
 
-def generation_config() -> dict:
+def generation_config(ids: P.SpecialIds) -> dict:
     """Greedy by default (the hub's file samples), stopping where model/generate.py stops. infer.py and
     train.py's evaluation never read it: they decode with their own settings."""
-    return {"do_sample": False, "num_beams": 1, "eos_token_id": list(EOS_IDS), "pad_token_id": PAD_ID}
+    return {"do_sample": False, "num_beams": 1, "eos_token_id": list(ids.eos), "pad_token_id": ids.pad}
 
 
 def _has_chat_template(source: Path) -> bool:
@@ -396,17 +395,13 @@ def _has_chat_template(source: Path) -> bool:
     return False
 
 
-def _check_token_ids(hf_config: dict, source: Path) -> None:
-    """The generated files state the special-token ids; refuse a tokenizer or a config that has others."""
-    tok = P.load_tokenizer(source)
-    wrong = {t: tok.token_to_id(t) for t, i in P.SPECIAL_TOKENS.items() if tok.token_to_id(t) != i}
-    if wrong:
-        raise ValueError(f"{source}: the tokenizer gives the special tokens the ids {wrong}; Qwen2-Audio's are "
-                         f"{P.SPECIAL_TOKENS}")
-    audio_id = hf_config.get("audio_token_index", P.AUDIO_TOKEN_ID)  # transformers' default is the same id
-    if audio_id != P.AUDIO_TOKEN_ID:
+def _check_audio_token(hf_config: dict, tok) -> None:
+    """config.json's audio_token_index must be the tokenizer's <|AUDIO|>: the generated files state both."""
+    from model.config import Qwen2AudioConfig
+    audio_id = hf_config.get("audio_token_index", Qwen2AudioConfig.audio_token_index)  # transformers' default
+    if audio_id != P.token_id(tok, P.AUDIO_TOKEN):
         raise ValueError(f"config.json: audio_token_index is {audio_id}, but the tokenizer's {P.AUDIO_TOKEN} is "
-                         f"{P.AUDIO_TOKEN_ID}")
+                         f"{P.token_id(tok, P.AUDIO_TOKEN)}")
 
 
 def processor_files(hf_config: dict, source: Path | None) -> dict[str, str]:
@@ -418,17 +413,18 @@ def processor_files(hf_config: dict, source: Path | None) -> dict[str, str]:
 
     if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
         return {}
+    tok = P.load_tokenizer(source)
     files = {}
     if not (has(PREPROCESSOR_FILE) or has(PROCESSOR_CONFIG_FILE)):
         files[PREPROCESSOR_FILE] = _json_text(preprocessor_config())
     if not has(TOKENIZER_CONFIG_FILE):
-        files[TOKENIZER_CONFIG_FILE] = _json_text(tokenizer_config())
+        files[TOKENIZER_CONFIG_FILE] = _json_text(tokenizer_config(tok))
     if not _has_chat_template(source):
         files[CHAT_TEMPLATE_FILE] = CHAT_TEMPLATE
     if not has(GENERATION_CONFIG_FILE):
-        files[GENERATION_CONFIG_FILE] = _json_text(generation_config())
+        files[GENERATION_CONFIG_FILE] = _json_text(generation_config(P.special_ids(tok)))
     if files:
-        _check_token_ids(hf_config, source)
+        _check_audio_token(hf_config, tok)
     return files
 
 

@@ -31,11 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import qwen2_audio
-from model.processor import ENDOFTEXT_ID, IM_END_ID
-
-# generation_config.eos_token_id of Qwen2-Audio-7B-Instruct: <|im_end|> ends a chat turn, <|endoftext|> a text.
-EOS_IDS: tuple[int, ...] = (IM_END_ID, ENDOFTEXT_ID)
-PAD_ID = ENDOFTEXT_ID  # fills the positions after a row's eos
 NEG_INF = -1.0e9  # transformers' "impossible" score; the same constant keeps ties and sums identical
 
 
@@ -78,7 +73,7 @@ class _GreedyState(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos_ids", "pad_id", "dtype"))
 def greedy_search(params, config, input_ids, attention_mask, input_features=None, feature_lengths=None, *,
-                  max_new_tokens: int, eos_ids: tuple[int, ...] = EOS_IDS, pad_id: int = PAD_ID,
+                  max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
                   dtype=jnp.bfloat16) -> Generated:
     """Argmax decoding of left-padded prompts [B, S] until eos or max_new_tokens new tokens."""
     batch = input_ids.shape[0]
@@ -224,7 +219,7 @@ def _beam_step(state: _BeamState, logprobs: jax.Array, *, num_beams: int, beams_
                                              "eos_ids", "pad_id", "dtype"))
 def beam_search(params, config, input_ids, attention_mask, input_features=None, feature_lengths=None, *,
                 num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
-                eos_ids: tuple[int, ...] = EOS_IDS, pad_id: int = PAD_ID, dtype=jnp.bfloat16) -> Generated:
+                eos_ids: tuple[int, ...], pad_id: int, dtype=jnp.bfloat16) -> Generated:
     """transformers' beam search (early_stopping=False, no sampling) of left-padded prompts [B, S]."""
     batch = input_ids.shape[0]
     k = num_beams

@@ -10,6 +10,7 @@ torch or tiktoken at run time:
   build_prompt           = Qwen2AudioProcessor's default chat template
 """
 import base64
+import dataclasses
 import functools
 import hashlib
 import importlib.resources
@@ -41,11 +42,11 @@ MAX_AUDIO_SECONDS = CHUNK_SAMPLES / SAMPLE_RATE  # 30.0: a longer clip is cut to
 QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
-# The ids Qwen2-Audio-7B-Instruct gives its special tokens; they follow the 151,643 BPE ranks in this order.
+# The ids Qwen2-Audio-7B-Instruct gives its special tokens; they follow the 151,643 BPE ranks in this order. Only
+# the builder of the real Qwen2 tokenizer uses them: everything else asks the loaded tokenizer (special_ids), so a
+# checkpoint with its own, compact vocabulary runs through the same code.
 SPECIAL_TOKENS = {ENDOFTEXT: 151643, IM_START: 151644, IM_END: 151645, AUDIO_TOKEN: 151646, AUDIO_BOS: 151647,
                   AUDIO_EOS: 151648}
-ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
-AUDIO_TOKEN_ID, AUDIO_BOS_ID, AUDIO_EOS_ID = 151646, 151647, 151648
 # Bump when the built tokenizer changes, so stale cache files are not reused.
 TOKENIZER_BUILD_VERSION = "qwen2-v1"
 
@@ -99,6 +100,27 @@ def _mel_filters() -> np.ndarray:
 def round_up(n: int, multiple: int) -> int:
     """The smallest positive multiple of `multiple` that is >= n (at least one multiple: a shape is never 0)."""
     return max(multiple, -(-n // multiple) * multiple)
+
+
+# Shape buckets of batches (train steps and decode batches). Every new shape is a compilation (minutes for 7b),
+# so lengths are padded up to short lists: sequences to 64, 96, 128, 192, 256, 384, ... (at most a third of the
+# positions are padding), audio to 4, 8, 16 or 30 s.
+AUDIO_BUCKETS = (400, 800, 1600, CHUNK_FRAMES)  # mel frames (100 per second)
+
+
+def seq_bucket(n: int) -> int:
+    """The padded length of an n-token sequence: the smallest of 64, 96, 128, 192, 256, 384, ... that is >= n."""
+    size = 64
+    while True:
+        for candidate in (size, size * 3 // 2):
+            if candidate >= n:
+                return candidate
+        size *= 2
+
+
+def audio_bucket(n_frames: int) -> int:
+    """The padded mel-frame count of a batch whose longest clip needs n_frames (see bucket_frames)."""
+    return next(b for b in AUDIO_BUCKETS if b >= n_frames)
 
 
 def num_frames(n_samples: int) -> int:
@@ -331,6 +353,34 @@ def load_tokenizer(model_dir: str | os.PathLike | None = None) -> Tokenizer:
     if missing:
         raise ValueError(f"the tokenizer in {model_dir} lacks the special tokens {missing} the chat prompt needs")
     return tok
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    """A tokenizer's ids of the chat and audio tokens (Qwen2-Audio-7B-Instruct: 151643..151648)."""
+    endoftext: int
+    im_start: int
+    im_end: int
+    audio: int
+    audio_bos: int
+    audio_eos: int
+
+    @property
+    def eos(self) -> tuple[int, ...]:
+        """Generation stops at either (Qwen2-Audio-7B-Instruct's generation_config.eos_token_id, in that order):
+        <|im_end|> ends a chat turn, <|endoftext|> a text."""
+        return (self.im_end, self.endoftext)
+
+    @property
+    def pad(self) -> int:
+        """Fills right padding and the positions after a row's end (always masked out)."""
+        return self.endoftext
+
+
+def special_ids(tokenizer: Tokenizer) -> SpecialIds:
+    """The special-token ids of this tokenizer (loaded from a checkpoint: never assumed)."""
+    return SpecialIds(*(token_id(tokenizer, t) for t in (ENDOFTEXT, IM_START, IM_END, AUDIO_TOKEN, AUDIO_BOS,
+                                                           AUDIO_EOS)))
 
 
 def token_id(tokenizer: Tokenizer, token: str) -> int:

@@ -18,7 +18,6 @@ import infer
 from model import processor as P
 from model.checkpoint import checkpoint_layout, save_hf
 from model.config import get_config
-from model.generate import EOS_IDS, PAD_ID
 
 SPEECH = "wake me up at seven am"
 TRANSCRIPT = "what is the weather like in paris tomorrow"
@@ -117,7 +116,9 @@ def test_transformers_greedy_on_the_export_equals_infer_py_on_text_and_speech(ex
     proc = AutoProcessor.from_pretrained(export)
     model = Qwen2AudioForConditionalGeneration.from_pretrained(export).eval()
     assert model.generation_config.do_sample is False and model.generation_config.num_beams == 1
-    assert model.generation_config.eos_token_id == list(EOS_IDS) and model.generation_config.pad_token_id == PAD_ID
+    ids = P.special_ids(P.load_tokenizer(export))
+    assert model.generation_config.eos_token_id == [ids.im_end, ids.endoftext] == [151645, 151643]
+    assert model.generation_config.pad_token_id == ids.pad == 151643
     theirs = {}
     for row_id, messages, audio in (("speech", AUDIO_MESSAGES, [P.load_audio(speech_wav)]),
                                     ("text", TEXT_MESSAGES, None)):
@@ -151,14 +152,31 @@ def test_export_without_a_tokenizer_stays_a_bare_weights_directory(tiny, tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 
 
-def test_a_tokenizer_with_other_special_token_ids_is_refused_before_anything_is_written(tiny, tmp_path):
-    hf_config, params, _ = tiny
-    source = tmp_path / "source"
-    source.mkdir()
+def compact_tokenizer_dir(path):
+    """A checkpoint's own small vocabulary: two tokens, then the six special tokens at ids 2..7."""
+    path.mkdir()
     tok = Tokenizer(BPE({"a": 0, "b": 1}, []))
-    tok.add_special_tokens([AddedToken(t, special=True) for t in P.SPECIAL_TOKENS])  # ids 2..7
-    tok.save(str(source / "tokenizer.json"))
-    with pytest.raises(ValueError, match=r"source: the tokenizer gives the special tokens the ids .*<\|im_end\|>"):
+    tok.add_special_tokens([AddedToken(t, special=True) for t in P.SPECIAL_TOKENS])
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_a_compact_vocabulary_gets_its_own_special_token_ids_in_the_generated_files(tiny, tmp_path):
+    # a miniature checkpoint with a trimmed vocabulary runs through the same code: ids come from its tokenizer
+    hf_config, params, _ = tiny
+    source = compact_tokenizer_dir(tmp_path / "source")
+    out = save_hf(params, {**hf_config, "audio_token_index": 5}, tmp_path / "hf", extra_files_from=source)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert {d["content"]: int(i) for i, d in config["added_tokens_decoder"].items()} == {
+        "<|endoftext|>": 2, "<|im_start|>": 3, "<|im_end|>": 4, "<|AUDIO|>": 5, "<|audio_bos|>": 6, "<|audio_eos|>": 7}
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [4, 2] and generation["pad_token_id"] == 2
+
+
+def test_a_config_whose_audio_token_is_not_the_tokenizers_is_refused_before_anything_is_written(tiny, tmp_path):
+    hf_config, params, _ = tiny
+    source = compact_tokenizer_dir(tmp_path / "source")  # <|AUDIO|> is 5; the config says 151646
+    with pytest.raises(ValueError, match=r"audio_token_index is 151646, but the tokenizer's <\|AUDIO\|> is 5"):
         save_hf(params, hf_config, tmp_path / "hf", extra_files_from=source)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
 

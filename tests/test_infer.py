@@ -209,7 +209,8 @@ def real_vocab_model(tmp_path_factory):
     """A tiny random checkpoint over the real Qwen2 vocabulary, its model directory, and a 3-row manifest.
     Its eos rows are zeroed, so no row ever ends: every generation runs to --max-new-tokens."""
     root = tmp_path_factory.mktemp("infer")
-    model, _, _ = build_model(root / "hf", vocab=REAL_VOCAB, audio_id=processor.AUDIO_TOKEN_ID, eos_scale=0.0)
+    model, _, _ = build_model(root / "hf", vocab=REAL_VOCAB, audio_id=processor.SPECIAL_TOKENS[processor.AUDIO_TOKEN],
+                              eos_scale=0.0)
     wav = root / "alarm.wav"
     subprocess.run(["espeak-ng", "-w", str(wav), "wake me up at seven am"], check=True)
     # Manifest order differs from decoding order (audio rows first, then text rows by length).
@@ -230,13 +231,13 @@ def real_vocab_model(tmp_path_factory):
 def reference_text(model, prompt: str, wav=None, *, num_beams: int, max_new_tokens: int) -> str:
     """What transformers generates for one manifest row, decoded with the special tokens removed."""
     tok = processor.load_tokenizer()
-    eos = (processor.IM_END_ID, processor.ENDOFTEXT_ID)
+    ids = processor.special_ids(tok)
     features = n_frames = None
     if wav is not None:
         features, n_frames = processor.log_mel_features(processor.load_audio(wav), out_frames=processor.CHUNK_FRAMES)
     ids = processor.encode_prompt(tok, prompt, None if wav is None else int(processor.num_audio_tokens(n_frames)))
     new, _ = reference(model, ids, n_frames, features, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                       eos=eos, pad=processor.ENDOFTEXT_ID)
+                       eos=ids.eos, pad=ids.pad)
     return tok.decode(new, skip_special_tokens=True)
 
 
@@ -330,6 +331,15 @@ def test_decoding_an_unfinished_run_warns_and_records_where_it_stopped(unfinishe
     assert meta["model_dir"].endswith("/hf") and meta["rows"] == 3
 
 
+def test_the_decoding_reports_its_compilations_batch_shapes_and_padding(unfinished_run_decoded):
+    # 3 text rows in one batch of 4 (the 4th repeats row 1): one batch shape, its program compiled or loaded from
+    # the persistent cache; the padded share counts the repeated row and the left padding of the shorter prompts
+    summary, _, meta, stderr = unfinished_run_decoded
+    assert meta["batch_shapes"] == 1 and meta["compiled"] + meta["cache_hits"] >= 1
+    assert 0.25 < meta["padding"] < 1 and summary["padding"] == meta["padding"]
+    assert "1 batch shape(s)" in stderr and "padding" in stderr
+
+
 def test_the_meta_file_names_the_predictions_it_describes(unfinished_run_decoded):
     _, out, meta, _ = unfinished_run_decoded
     assert meta["predictions_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
@@ -351,10 +361,10 @@ def test_default_dtype_is_float32_on_a_cpu(unfinished_run_decoded):
 
 
 def test_a_row_ending_in_eos_exactly_at_the_limit_is_not_cut():
-    eos = generate.EOS_IDS[0]
-    assert infer.hit_limit([5, 6, 7], max_new_tokens=3)
-    assert not infer.hit_limit([5, 6, eos], max_new_tokens=3)
-    assert not infer.hit_limit([5, eos], max_new_tokens=3)
+    eos = (4, 2)  # a checkpoint's own <|im_end|>, <|endoftext|>
+    assert infer.hit_limit([5, 6, 7], max_new_tokens=3, eos_ids=eos)
+    assert not infer.hit_limit([5, 6, 4], max_new_tokens=3, eos_ids=eos)
+    assert not infer.hit_limit([5, 2], max_new_tokens=3, eos_ids=eos)
 
 
 def test_default_max_new_tokens_fits_the_longest_real_slurp_answer():
@@ -458,3 +468,110 @@ def test_the_command_line_prints_file_line_message_and_exits_2_on_bad_input(tmp_
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"infer.py: error: {manifest}:2: malformed JSON")
     assert "Traceback" not in done.stderr
+
+
+# ---- --aot-topology: the decode compiled for a TPU slice (libtpu from requirements-test.txt) ----------------------
+
+def speech_manifest(root: Path) -> Path:
+    """Two clips at 22.05 kHz (resampled to 16 kHz by infer: the sample counts are not round) and a text row."""
+    rows = []
+    for name, seconds in (("short", 1.3), ("long", 7.21)):
+        soundfile.write(root / f"{name}.wav", np.zeros(int(22050 * seconds), np.float32), 22050)
+        rows.append({"id": name, "lang": "en", "text": "wake me up at seven am", "audio": str(root / f"{name}.wav"),
+                     "scenario": "alarm", "action": "set", "entities": []})
+    rows.append({"id": "t", "lang": "en", "text": "play some jazz " * 30, "audio": None, "scenario": "play",
+                 "action": "music", "entities": []})
+    manifest = root / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+def test_aot_shape_is_the_shape_of_the_largest_batch_infer_builds(tmp_path):
+    manifest = speech_manifest(tmp_path)
+    tok = infer.load_tokenizer(None)
+    args = infer.Args(model="tiny", manifest=str(manifest), aot_topology="v5p-8")
+    items = infer.plan_rows(infer.read_manifest(str(manifest)), tok, use_audio=True, source=str(manifest))
+    audio_batch = infer.make_batch([item for item in items if item["from_audio"]], tok, 2, processor.special_ids(tok).pad)
+    assert infer.aot_shape(args, tok) == (audio_batch["input_ids"].shape[1], audio_batch["input_features"].shape[2])
+    # --input text: every row is a text prompt, the longest one sets the columns
+    text_items = infer.plan_rows(infer.read_manifest(str(manifest)), tok, use_audio=False, source=str(manifest))
+    text_batch = infer.make_batch(text_items, tok, 3, processor.special_ids(tok).pad)
+    args.input = "text"
+    assert infer.aot_shape(args, tok) == (text_batch["input_ids"].shape[1], None)
+
+
+def test_aot_topology_compiles_the_decode_for_v5p_8_without_weights_or_audio(tmp_path, monkeypatch, capsys):
+    manifest = speech_manifest(tmp_path)
+    def refuse(*args, **kwargs):
+        raise AssertionError("--aot-topology loaded weights or audio")
+    for module, name in ((infer, "load_model"), (checkpoint, "load_hf"), (processor, "load_audio"),
+                         (processor, "log_mel_features")):
+        monkeypatch.setattr(module, name, refuse)
+    args = infer.Args(model="tiny", manifest=str(manifest), aot_topology="v5p-8", num_beams=1, batch_size=6,
+                      max_new_tokens=8)
+    with jax.default_matmul_precision("default"):  # as a real run compiles it, not conftest's "highest"
+        status = infer.aot_main(args)
+    report = json.loads(capsys.readouterr().out)
+    assert status == 0 and report["fits"] is True
+    assert (report["topology"], report["chips"], report["mesh"]) == ("v5p-8", 4, {"data": 4, "fsdp": 1, "tensor": 1})
+    seq, frames = infer.aot_shape(args, infer.load_tokenizer(None))
+    assert report["workload"] == {"model": "tiny", "num_beams": 1, "batch_size": 8, "rows_per_chip": 2,
+                                  "prompt_tokens": seq, "audio_frames": frames, "max_new_tokens": 8,
+                                  "dtype": "bfloat16"}
+    # data parallel: every chip holds all the bf16 weights; each input is split over the 4 chips
+    params = nn.unbox(qwen2_audio.abstract_params(infer.get_config("tiny"), jnp.bfloat16))
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    assert report["arguments_per_chip_gib"]["params"] == round(2 * n_params / 2 ** 30, 3)
+    assert report["arguments_per_chip_gib"]["input_features"] == round(2 * 128 * frames * 4 / 2 ** 30, 3)
+    memory = report["memory_per_chip_gib"]
+    assert 0 < memory["temporaries"] < memory["total"] <= report["hbm_per_chip_gib"]
+    assert report["flops_per_chip"] > 0
+
+
+def test_aot_decode_too_large_for_v5e_8_exits_3_and_says_to_lower_the_batch(tmp_path):
+    done = subprocess.run([sys.executable, str(Path(infer.__file__)), "--model", "tiny", "--aot-topology", "v5e-8",
+                           "--aot-seq-len", "4096", "--batch-size", "512", "--num-beams", "1",
+                           "--max-new-tokens", "8"], capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr
+    report = json.loads(done.stdout)
+    assert report["fits"] is False and report["workload"]["rows_per_chip"] == 64
+    assert report["memory_per_chip_gib"]["total"] > report["hbm_per_chip_gib"] == 15.75
+    assert "infer.py: does not fit on v5e-8" in done.stderr
+    assert "temporaries:" in done.stderr and "lower --batch-size" in done.stderr
+
+
+@pytest.mark.slow
+def test_aot_topology_compiles_the_beam_search_decode(capsys):
+    args = infer.Args(model="tiny", aot_topology="v4-8", aot_seq_len=100, num_beams=3, batch_size=4,
+                      max_new_tokens=8, fsdp=2)
+    with jax.default_matmul_precision("default"):
+        assert infer.aot_main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and report["workload"]["prompt_tokens"] == 128
+    assert report["workload"]["audio_frames"] is None and report["fits"] is True
+
+
+def test_an_aot_prompt_shorter_than_its_clip_is_an_input_error_before_compiling(monkeypatch):
+    monkeypatch.setattr(infer.aot, "compile_report", lambda *a, **k: pytest.fail("compiled"))
+    args = infer.Args(model="7b", aot_topology="v5p-8", aot_audio_seconds=30, aot_seq_len=512)
+    with pytest.raises(infer.InputError, match=r"--aot-seq-len 512: the prompt of a 30 s clip has \d+ tokens "
+                                               r"\(750 of them audio\)"):
+        infer.aot_main(args)
+
+
+def test_aot_flags_need_aot_topology_and_a_decoding_run_needs_manifest_and_out(tmp_path, no_model_load):
+    with pytest.raises(infer.InputError, match="--aot-seq-len: only with --aot-topology"):
+        infer.main(infer.Args(model="tiny", manifest="m.jsonl", out="p.jsonl", aot_seq_len=64))
+    with pytest.raises(infer.InputError, match="--manifest and --out are required"):
+        infer.main(infer.Args(model="tiny", manifest="m.jsonl"))
+    with pytest.raises(infer.InputError, match="give the shapes to compile"):
+        infer.aot_main(infer.Args(model="tiny", aot_topology="v5p-8"))
+    with pytest.raises(infer.aot.AotError, match="unknown TPU topology"):
+        infer.aot_main(infer.Args(model="tiny", aot_topology="v5p-6", aot_seq_len=64))
+
+
+def test_the_weights_remedy_suggests_fsdp_unless_they_are_sharded_over_every_chip():
+    devices, _ = infer.aot.topology_devices("v5p-8")
+    data = infer.aot_remedies(sharding.make_mesh(4, 1, 1, devices=devices))["params"]
+    assert "1/1 of the weights" in data and "--data-parallel 1 --fsdp -1" in data
+    assert "a larger slice" in infer.aot_remedies(sharding.make_mesh(1, 2, 2, devices=devices))["params"]

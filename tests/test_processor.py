@@ -204,8 +204,6 @@ def test_decomposed_unicode_is_nfc_normalized_like_qwen2(tokenizer, qwen_tiktoke
 
 def test_special_tokens_have_their_qwen2_audio_ids(tokenizer, ref_tokenizer):
     assert P.SPECIAL_TOKENS == QWEN2_AUDIO_SPECIAL_IDS
-    assert (P.ENDOFTEXT_ID, P.IM_START_ID, P.IM_END_ID, P.AUDIO_TOKEN_ID, P.AUDIO_BOS_ID, P.AUDIO_EOS_ID) == tuple(
-        QWEN2_AUDIO_SPECIAL_IDS.values())
     for token, i in QWEN2_AUDIO_SPECIAL_IDS.items():
         assert tokenizer.token_to_id(token) == i == P.token_id(tokenizer, token)
         assert tokenizer.encode(f"a{token}b").ids == ref_tokenizer.encode(f"a{token}b", add_special_tokens=False)
@@ -218,7 +216,7 @@ def test_full_chat_prompt_ids_equal_reference(tokenizer, ref_tokenizer, audio):
     ids = P.encode_prompt(tokenizer, prompt, n_audio_tokens=n)
     expanded = P.expand_audio_tokens(prompt, 37) if audio else prompt
     assert ids == ref_tokenizer.encode(expanded, add_special_tokens=False)
-    assert ids.count(P.AUDIO_TOKEN_ID) == (37 if audio else 0)
+    assert ids.count(P.SPECIAL_TOKENS[P.AUDIO_TOKEN]) == (37 if audio else 0)
     assert tokenizer.decode(ids, skip_special_tokens=False) == expanded
     assert P.INSTRUCTION in tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -324,3 +322,19 @@ def test_importing_our_model_package_silences_transformers_pytorch_not_found_ban
             for first in ("", "import model;")}
     assert "PyTorch was not found" in runs[""].stderr  # the banner this test is about (else it checks nothing)
     assert runs["import model;"].returncode == 0 and "PyTorch was not found" not in runs["import model;"].stderr
+
+
+def test_special_ids_are_read_from_the_tokenizer_not_assumed():
+    # the real Qwen2 vocabulary gives Qwen2-Audio-7B-Instruct's ids; a checkpoint's own compact one its own
+    ids = P.special_ids(P.load_tokenizer())
+    assert (ids.endoftext, ids.im_start, ids.im_end, ids.audio, ids.audio_bos, ids.audio_eos) == tuple(
+        QWEN2_AUDIO_SPECIAL_IDS.values())
+    assert ids.eos == (151645, 151643) and ids.pad == 151643
+    from tokenizers.models import BPE
+    from tokenizers import AddedToken
+    compact = Tokenizer(BPE({"a": 0, "b": 1, "c": 2}, []))
+    compact.add_special_tokens([AddedToken(t, special=True) for t in reversed(list(P.SPECIAL_TOKENS))])
+    ids = P.special_ids(compact)
+    assert (ids.audio_eos, ids.audio_bos, ids.audio, ids.im_end, ids.im_start, ids.endoftext) == (3, 4, 5, 6, 7, 8)
+    with pytest.raises(KeyError, match="<\\|endoftext\\|>"):
+        P.special_ids(Tokenizer(BPE({"a": 0}, [])))

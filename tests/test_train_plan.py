@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import train
+from model import processor as P
 
 REPO = Path(__file__).resolve().parents[1]
 N_TEXT, N_SPEECH = 11_514, 50_628  # SLURP train (paper Table 1)
@@ -290,36 +291,11 @@ def test_plan_only_names_the_manifest_line_of_a_bad_row(tmp_path):
 SLURP = Path(__file__).resolve().parents[2] / "shared" / "data" / "slurp"
 
 
-def slurp_like_lengths():
-    """(transcript ids, recording ids, {key: (tokens, feature frames or None)}) for the real SLURP devel + test
-    annotations: prompt + answer tokens as train.py builds them; each recording's duration from its transcript at
-    a typical speaking rate (0.6 s + 0.38 s per word, at most 15 s, as SLURP's clips are)."""
-    import prepare
-    from model import processor as P
-    from model.answer import render_answer
-    tok = P.load_tokenizer()
-    audio_prompt = len(P.encode_prompt(tok, P.build_prompt(None, audio=True), n_audio_tokens=1)) - 1
-    texts, speech, lengths = [], [], {}
-    for split in ("devel", "test"):
-        for n, line in enumerate((SLURP / f"{split}.jsonl").read_text().splitlines(), 1):
-            r = json.loads(line)
-            answer = render_answer(r["scenario"], r["action"], prepare.slurp_entities(r, f"{split}:{n}"))
-            n_answer = len(train.encode_text(tok, answer)) + 1  # + <|im_end|>
-            key = f"{split}-{r['slurp_id']}"
-            texts.append(key)
-            lengths[(0, key)] = (len(P.encode_prompt(tok, P.build_prompt(r["sentence"], audio=False))) + n_answer, None)
-            frames = P.num_frames(int(min(15.0, 0.6 + 0.38 * len(r["sentence"].split())) * P.SAMPLE_RATE))
-            for k in range(len(r["recordings"])):
-                speech.append(f"{key}-{k}")
-                lengths[(0, f"{key}-{k}")] = (audio_prompt + P.num_audio_tokens(frames) + n_answer,
-                                              P.bucket_frames(frames))
-    return texts, speech, lengths
-
-
 @pytest.mark.skipif(not (SLURP / "test.jsonl").is_file(), reason="the real SLURP annotations are not in ../shared")
 @pytest.mark.parametrize("global_batch", [128, 16])
 def test_a_slurp_like_run_compiles_at_most_8_step_shapes_in_any_scheme(global_batch):
-    texts, speech, lengths = slurp_like_lengths()
+    import bench
+    texts, speech, lengths = bench.slurp_like_lengths(str(SLURP))
     assert len(texts) == 5007 and len(speech) > 20000
     for scheme, p in (("text-only", 0.0), ("direct", 0.1), ("direct", 1.0), ("curriculum", 0.02), ("curriculum", 1.0)):
         plan = train.make_plan(scheme, 3, global_batch, [texts], [speech], [p])
@@ -328,9 +304,9 @@ def test_a_slurp_like_run_compiles_at_most_8_step_shapes_in_any_scheme(global_ba
 
 
 def test_step_shapes_come_from_short_lists_and_never_cut_a_row():
-    seqs = {train.seq_bucket(n) for n in range(1, 2049)}
+    seqs = {P.seq_bucket(n) for n in range(1, 2049)}
     assert sorted(seqs) == [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
     for n in (1, 63, 64, 65, 97, 1000, 2048):
-        assert train.seq_bucket(n) >= n and (n <= 64 or train.seq_bucket(n) <= 1.5 * n)  # at most a third padding
-    assert [train.audio_bucket(f) for f in (100, 400, 401, 1500, 3000)] == [400, 400, 800, 1600, 3000]
+        assert P.seq_bucket(n) >= n and (n <= 64 or P.seq_bucket(n) <= 1.5 * n)  # at most a third padding
+    assert [P.audio_bucket(f) for f in (100, 400, 401, 1500, 3000)] == [400, 400, 800, 1600, 3000]
     assert train.step_shape(70, None) == (96, None) and train.step_shape(300, 900) == (384, 1600)
