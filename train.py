@@ -59,7 +59,8 @@ DEMO_GLOBAL_BATCH = 16    # a preset (the demo): 2 rows x 8 accumulation steps o
 # Flags a resumed run may change: how it runs, not what it computes (each change is recorded in config.json).
 RESUMABLE = ("max_steps", "save_every", "keep_checkpoints", "eval_max_rows", "eval_max_new_tokens", "dev_manifest",
              "export", "export_dtype", "keep_optimizer_state", "progress", "per_device_batch", "grad_accum",
-             "data_parallel", "fsdp", "tensor_parallel", "run_dir", "plan_only", "compilation_cache")
+             "data_parallel", "fsdp", "tensor_parallel", "run_dir", "plan_only", "compilation_cache", "aot_topology",
+             "aot_seq_len", "aot_audio_seconds")
 
 
 class InputError(ValueError):
@@ -153,6 +154,13 @@ class Args:
     """The permutation the speech subset is a prefix of."""
     plan_only: bool = False
     """Print the epoch plan as one JSON object and exit (no model is loaded)."""
+    aot_topology: str | None = None
+    """Compile this run's train step for a TPU slice (v4-8, v5e-16, v5p-8, v6e-8, ...: model/aot.py's table) on this
+    machine, with no weights and no audio (headers only), print memory per chip as JSON and exit: 0 fits, 3 not."""
+    aot_seq_len: int | None = None
+    """--aot-topology: the padded sequence length to compile for (default: the longest bucket of the manifests)."""
+    aot_audio_seconds: float | None = None
+    """--aot-topology: the longest clip to compile for (default: the manifests' longest recording the plan uses)."""
     export: bool = True
     """Write the final model to RUN_DIR/hf (Hugging Face format, with tokenizer files)."""
     export_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -1217,10 +1225,105 @@ def export(params: dict, hf_config: dict, tok, tokenizer_dir: str | None, hf_dir
                 extra_json={TRAINING_RUN_FILE: training_run})
 
 
-def main(argv: list[str] | None = None) -> dict:
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. --aot-topology: the exact train step compiled for a TPU slice, on this machine
+# ----------------------------------------------------------------------------------------------------------------
+
+def aot_step_shape(args: Args, plan: Plan, manifests: list[list[dict]], tok) -> tuple[int, int | None, int]:
+    """(sequence length, audio frames or None, answer length) of the run's largest step: its longest row (prompt +
+    answer tokens as make_example builds them; durations from the audio headers, or --aot-audio-seconds for every
+    clip), or the stated --aot-seq-len, in the step-shape buckets."""
+    from model import processor as P
+    from model.answer import render_answer
+    from model.processor import round_up
+    by_id = [{r["id"]: r for r in rows} for rows in manifests]
+    used = [by_id[m][i] for m, i in sorted({k for keys in plan.epoch_keys for k in keys})]
+    audio_prompt = len(P.encode_prompt(tok, P.build_prompt(None, audio=True), n_audio_tokens=1)) - 1
+    tokens, frames, longest_answer = 1, None, 1
+    for r in used:
+        answer = len(encode_text(tok, render_answer(r["scenario"], r["action"], r["entities"]))) + 1  # + <|im_end|>
+        longest_answer = max(longest_answer, answer)
+        if r["audio"] is None:
+            tokens = max(tokens, len(P.encode_prompt(tok, P.build_prompt(r["text"], audio=False))) + answer)
+            continue
+        seconds = args.aot_audio_seconds if args.aot_audio_seconds is not None else P.check_audio_file(r["audio"])[1]
+        n = P.num_frames(-(-int(round(seconds * P.SAMPLE_RATE * 1e6)) // 1_000_000))  # ceil, as load_audio's length
+        tokens = max(tokens, audio_prompt + int(P.num_audio_tokens(n)) + answer)
+        frames = max(frames or 0, P.bucket_frames(n))
+    if args.aot_seq_len is not None:
+        if args.aot_seq_len < tokens:
+            raise InputError(f"--aot-seq-len {args.aot_seq_len}: the run's longest row has {tokens} tokens")
+        tokens = args.aot_seq_len
+    seq_len, n_frames = step_shape(tokens, frames)
+    return seq_len, n_frames, min(round_up(longest_answer, 16), seq_len)
+
+
+def aot_train(args: Args) -> int:
+    """Compile the step this command would run (scheme, mesh flags, batch, remat, dtype, the largest step shape)
+    for --aot-topology with abstract parameters, optimizer state and batch; print model/aot.py's report."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+    import flax.linen as nn
+    from model import aot
+    from model import processor as P
+    from model.config import get_config
+    from model.qwen2_audio import abstract_params
+    from model.sharding import LOGICAL_AXIS_RULES, make_mesh, param_shardings
+    devices, topology = aot.topology_devices(args.aot_topology)
+    config = get_config(args.model)
+    data, fsdp, tensor = resolve_mesh_shape(args, len(devices))
+    mesh = make_mesh(data, fsdp, tensor, devices=devices[:data * fsdp * tensor])
+    global_batch, accum = resolve_batch(args, data, fsdp)
+    sources, manifests = load_sources(args)
+    plan = build_plan(args, sources, manifests, global_batch)
+    tok = P.load_tokenizer(args.model if os.path.isdir(args.model) else None)
+    seq_len, frames, answer_len = aot_step_shape(args, plan, manifests, tok)
+    dtype = "bfloat16" if args.dtype == "auto" else args.dtype  # auto on an accelerator
+
+    boxed = abstract_params(config, jnp.float32)
+    param_sh = param_shardings(mesh, boxed)
+    params = aot.abstract_like(nn.unbox(boxed), param_sh)
+    phase = training_phases(args, plan)[-1]  # the phase with the most trainable parameters
+    m = RunMesh(mesh, {"data": data, "fsdp": fsdp, "tensor": tensor}, args.per_device_batch * data * fsdp, accum,
+                param_sh, NamedSharding(mesh, nn.logical_to_mesh_axes((None, "batch"), LOGICAL_AXIS_RULES)),
+                NamedSharding(mesh, PartitionSpec()))
+    tx, train_sh, frozen_sh, opt_sh = phase_optimizer(args, phase, m)
+    trainable, frozen = split_params(params, phase.frozen)
+    opt_state = aot.abstract_like(jax.eval_shape(tx.init, trainable), opt_sh)
+    rows = (accum, m.micro_batch)
+    spec = {"input_ids": (seq_len, jnp.int32), "attention_mask": (seq_len, jnp.int32), "targets": (seq_len, jnp.int32),
+            "loss_mask": (seq_len, jnp.float32), "answer_index": (answer_len, jnp.int32)}
+    batch = {k: jax.ShapeDtypeStruct(rows + (n,), t, sharding=m.batch_sh) for k, (n, t) in spec.items()}
+    if frames is not None:
+        batch["input_features"] = jax.ShapeDtypeStruct(rows + (config.audio.num_mel_bins, frames), jnp.float32,
+                                                       sharding=m.batch_sh)
+        batch["feature_lengths"] = jax.ShapeDtypeStruct(rows, jnp.int32, sharding=m.batch_sh)
+    step_fn = jax.jit(make_train_step(config, tx, jnp.dtype(dtype), args.remat),
+                      in_shardings=(train_sh, frozen_sh, opt_sh, m.batch_sh),
+                      out_shardings=(train_sh, opt_sh, m.replicated), donate_argnums=(0, 2))
+    workload = {"model": args.model, "scheme": args.scheme, "global_batch": global_batch, "grad_accum": accum,
+                "rows_per_chip": args.per_device_batch, "seq_len": seq_len, "audio_frames": frames,
+                "answer_len": answer_len, "remat": args.remat, "dtype": dtype}
+    report = aot.compile_report(step_fn, {"trainable": trainable, "frozen": frozen, "opt_state": opt_state,
+                                          "batch": batch}, topology, mesh, workload=workload)
+    shards = fsdp * tensor
+    remedies = {
+        "temporaries": "activations grow with rows per chip x sequence length: --remat full (or dots), a lower "
+                       "--per-device-batch (the accumulation makes up the global batch)",
+        "opt_state": f"Adam's 2 moments per trainable parameter, 1/{shards} of them per chip: raise --fsdp",
+        "trainable": f"fp32 master weights, 1/{shards} per chip: raise --fsdp",
+        "frozen": f"1/{shards} per chip: raise --fsdp"}
+    return aot.emit(report, remedies, "train.py")
+
+
+def main(argv: list[str] | None = None) -> dict | int:
     args = parse_args(argv)
     if args.plan_only:
         return print_plan(args)
+    if args.aot_topology is not None:
+        return aot_train(args)
     return train(args)
 
 
@@ -1228,7 +1331,9 @@ if __name__ == "__main__":
     from model.config import ConfigError
     from model.manifest import ManifestError
     try:
-        main()
+        result = main()
+        if isinstance(result, int):  # --aot-topology: 0 fits, 3 does not
+            sys.exit(result)
     except (InputError, ManifestError, ConfigError, FileNotFoundError) as e:  # bad input: one clear line
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)

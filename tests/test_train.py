@@ -456,3 +456,42 @@ def test_tiny_preset_learns_demo_rows_loss_falls_far_below_chance(setup, tmp_pat
     losses = train.train(args)["losses"]
     assert losses[0] == pytest.approx(math.log(156032), abs=0.5)  # a random model: uniform over the vocabulary
     assert np.mean(losses[-3:]) < 0.5 * losses[0], losses
+
+
+# --- ahead-of-time compilation for a TPU slice ---------------------------------------------------------------------
+
+def test_aot_topology_compiles_this_runs_train_step_for_v5p_8_without_weights_or_audio(setup, tmp_path, capsys,
+                                                                                        monkeypatch):
+    pytest.importorskip("libtpu")
+    def refuse(*args, **kwargs):
+        raise AssertionError("--aot-topology loaded weights or decoded audio")
+    monkeypatch.setattr(train, "load_model", refuse)
+    monkeypatch.setattr(P, "load_audio", refuse)
+    status = train.main(["--model", "tiny", "--train-manifest", str(setup["manifest"]), "--scheme", "direct",
+                         "--speech-fraction", "1.0", "--global-batch", "16", "--aot-topology", "v5p-8"])
+    report = json.loads(capsys.readouterr().out)
+    assert status == 0 and report["fits"] and report["topology"] == "v5p-8" and report["chips"] == 4
+    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}  # --fsdp -1: every chip of the slice
+    assert report["workload"]["grad_accum"] == 2  # 16 rows = 2 per chip x 4 chips x 2
+    # the shape of the run's largest step: its longest row, in train.py's buckets
+    monkeypatch.undo()
+    tok = P.load_tokenizer()
+    rows = demo_rows(12, 4)
+    longest = max(len(train.make_example(r, tok).ids) for r in rows)
+    frames = max(train.make_example(r, tok).features.shape[1] for r in rows if r["audio"])
+    seq_len, n_frames = train.step_shape(longest, frames)
+    assert (report["workload"]["seq_len"], report["workload"]["audio_frames"]) == (seq_len, n_frames)
+    assert 0 < report["memory_per_chip_gib"]["total"] < 1 and report["arguments_per_chip_gib"]["opt_state"] > 0
+
+
+@pytest.mark.slow
+def test_aot_7b_step_that_cannot_fit_a_v5e_8_exits_3_naming_what_to_change(tmp_path):
+    # parameters replicated on every chip (data parallelism only): 8.4 B x 12 bytes of weights and Adam moments
+    pytest.importorskip("libtpu")
+    out = subprocess.run([sys.executable, "train.py", "--model", "7b", "--aot-topology", "v5e-8", "--data-parallel",
+                          "8", "--fsdp", "1", "--global-batch", "16", "--aot-seq-len", "256"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 3, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["fits"] is False and report["memory_per_chip_gib"]["total"] > report["hbm_per_chip_gib"]
+    assert "does not fit on v5e-8" in out.stderr and "opt_state" in out.stderr and "raise --fsdp" in out.stderr
