@@ -1004,8 +1004,7 @@ def train(args: Args) -> dict:
     import jax.numpy as jnp
     from model.compilation import compilations, enable_persistent_cache
     from model.config import get_config
-    from model.manifest import atomic_write_text, read_manifest
-    from model.answer import MAX_NEW_TOKENS
+    from model.manifest import atomic_write_text
     from model.sharding import resolve_dtype
 
     is_main = jax.process_index() == 0
@@ -1017,14 +1016,7 @@ def train(args: Args) -> dict:
 
     # --- the data plan, checked before any model work: manifests, batch, audio files ----------------------------
     config = get_config(args.model)
-    data, fsdp, _ = resolve_mesh_shape(args, jax.device_count())
-    sources, manifests = load_sources(args)
-    batch = resolve_batch(args, data, fsdp)
-    plan = build_plan(args, sources, manifests, batch[0])
-    n_long = check_audio(plan, sources, manifests)
-    if n_long:
-        log(f"train.py: note: {n_long} of the recordings are longer than 30 s and are cut to their first 30 s, as "
-            f"Qwen2-Audio's processor does")
+    manifests, batch, plan = plan_run(args, log)
     phases = training_phases(args, plan)
     total_steps = plan.total_steps if args.max_steps is None else min(plan.total_steps, args.max_steps)
 
@@ -1060,14 +1052,10 @@ def train(args: Args) -> dict:
         atomic_write_text(run_dir / "config.json", json.dumps(record, indent=2, ensure_ascii=False, default=str))
     run.trim_metrics(start)
 
-    dev_rows = []
-    if args.dev_manifest and args.dev_manifest.lower() != "none" and args.eval_max_rows > 0:
-        dev_rows = [r for r in read_manifest(find_path(args.dev_manifest)) if r["audio"] is None][:args.eval_max_rows]
-    # every process evaluates the same rows (see Evaluator); process 0 logs
-    evaluator = Evaluator(dev_rows, tok, config, jnp.dtype(dtype), args.eval_max_new_tokens or MAX_NEW_TOKENS) \
-        if dev_rows else None
+    evaluator = make_evaluator(args, tok, config, dtype)
     log(f"{args.scheme}: {plan.total_steps} steps over {args.epochs} epochs, global batch {plan.global_batch} "
-        f"(micro-batch {m.micro_batch} x {m.grad_accum}), mesh data={data} fsdp={fsdp} tensor={m.shape['tensor']}, "
+        f"(micro-batch {m.micro_batch} x {m.grad_accum}), mesh "
+        f"{' '.join(f'{axis}={size}' for axis, size in m.shape.items())}, "
         f"{n_params(trainable):,} trainable / {n_params(frozen):,} frozen params")
 
     # --- the loop, phase by phase ----------------------------------------------------------------------------------
@@ -1094,24 +1082,51 @@ def train(args: Args) -> dict:
             "history": history, "export_dtype": export_dtype})
         if done and not args.keep_optimizer_state:
             run.remove_checkpoints()
-    evals = [{"epoch": h["epoch"], "dev_loss": h["dev_loss"], "dev_intent_acc": h["dev_intent_acc"]}
-             for h in ran if "dev_loss" in h]
     summary = {"scheme": args.scheme, "run_dir": str(run_dir), "steps": total_steps, "planned_steps": plan.total_steps,
-               "resumed_from": start, "first_loss": ran[0]["loss"] if ran else None,
-               "last_loss": ran[-1]["loss"] if ran else None, "seconds": round(time.time() - t_start, 1),
-               "tokens_per_s": round(sum(h["tokens"] for h in ran) / max(sum(h["seconds"] for h in ran), 1e-9), 1),
-               "n_speech_seen": sum(h["n_speech"] for h in ran), "n_text_seen": sum(h["n_text"] for h in ran),
-               "opt_state_size": opt_size, "evals": evals,
-               # compilations of this run (every program: steps, evaluation, initialisation), its step shapes and
-               # the share of padded token positions in the steps it ran
-               **(compilations() - compiled_before).to_json(),
-               "step_shapes": sorted({tuple(h["shape"]) for h in ran}, key=lambda s: (s[0], s[1] or 0)),
-               "padding": padding_share(ran),
+               "resumed_from": start, "seconds": round(time.time() - t_start, 1), "opt_state_size": opt_size,
+               **summarize_steps(ran), **(compilations() - compiled_before).to_json(),
                "hf_export": str(run_dir / "hf") if args.export else None, "finished": done,
                "losses": [h["loss"] for h in ran]}
     log("summary: " + json.dumps({k: v for k, v in summary.items() if k != "losses"}))
     summary["params"] = params  # for callers in Python (tests, notebooks); not printed
     return summary
+
+
+def plan_run(args: Args, log) -> tuple[list[list[dict]], tuple[int, int], Plan]:
+    """(manifests, (global batch, accumulation), plan), with every recording the plan uses checked."""
+    import jax
+    data, fsdp, _ = resolve_mesh_shape(args, jax.device_count())
+    sources, manifests = load_sources(args)
+    batch = resolve_batch(args, data, fsdp)
+    plan = build_plan(args, sources, manifests, batch[0])
+    n_long = check_audio(plan, sources, manifests)
+    if n_long:
+        log(f"train.py: note: {n_long} of the recordings are longer than 30 s and are cut to their first 30 s, as "
+            f"Qwen2-Audio's processor does")
+    return manifests, batch, plan
+
+
+def make_evaluator(args: Args, tok, config, dtype: str):
+    """The epoch-end evaluation on the first --eval-max-rows dev transcripts, or None. Every process evaluates
+    the same rows (see Evaluator); process 0 logs."""
+    import jax.numpy as jnp
+    from model.answer import MAX_NEW_TOKENS
+    from model.manifest import read_manifest
+    if not args.dev_manifest or args.dev_manifest.lower() == "none" or args.eval_max_rows <= 0:
+        return None
+    rows = [r for r in read_manifest(find_path(args.dev_manifest)) if r["audio"] is None][:args.eval_max_rows]
+    return Evaluator(rows, tok, config, jnp.dtype(dtype), args.eval_max_new_tokens or MAX_NEW_TOKENS) if rows else None
+
+
+def summarize_steps(ran: list[dict]) -> dict:
+    """What the summary line says about the steps this invocation ran (metrics.jsonl rows)."""
+    return {"first_loss": ran[0]["loss"] if ran else None, "last_loss": ran[-1]["loss"] if ran else None,
+            "tokens_per_s": round(sum(h["tokens"] for h in ran) / max(sum(h["seconds"] for h in ran), 1e-9), 1),
+            "n_speech_seen": sum(h["n_speech"] for h in ran), "n_text_seen": sum(h["n_text"] for h in ran),
+            "evals": [{k: h[k] for k in ("epoch", "dev_loss", "dev_intent_acc")} for h in ran if "dev_loss" in h],
+            # the step shapes it compiled, and the share of padded token positions in its steps
+            "step_shapes": sorted({tuple(h["shape"]) for h in ran}, key=lambda s: (s[0], s[1] or 0)),
+            "padding": padding_share(ran)}
 
 
 def restore_state(run: RunDir, start: int, meta: dict, params: dict, phases: list[Phase], args: Args, m: RunMesh):
