@@ -303,6 +303,14 @@ def test_a_slurp_like_run_compiles_at_most_8_step_shapes_in_any_scheme(global_ba
         assert len(shapes) <= 8, (scheme, p, sorted(shapes, key=str))
 
 
+@pytest.mark.skipif(not (SLURP / "test.jsonl").is_file(), reason="the real SLURP annotations are not in ../shared")
+def test_a_slurp_like_test_set_decodes_in_at_most_8_batch_shapes():
+    # infer.py sorts rows by length and pads batches to the same buckets as train.py's steps
+    import bench
+    for run in bench.decode_shapes(str(SLURP), batch_sizes=(8, 32)):
+        assert run["batch_shapes"] <= 8 and run["padding"] < 0.25, run
+
+
 def test_step_shapes_come_from_short_lists_and_never_cut_a_row():
     seqs = {P.seq_bucket(n) for n in range(1, 2049)}
     assert sorted(seqs) == [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
