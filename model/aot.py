@@ -160,6 +160,10 @@ def compile_report(jitted, args: dict, topology: Topology, mesh, *, kwargs: dict
     arg_bytes = {name: per_chip_bytes(value) for name, value in args.items()
                  if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree_util.tree_leaves(value))}
     start = time.perf_counter()
+    # The persistent compilation cache (model/compilation.py) holds programs for this machine's devices; a
+    # compile-only TPU client can neither load nor usefully store them: keep it out of the way.
+    cache_was_on = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
             compiled = jitted.lower(*args.values(), **(kwargs or {})).compile()
@@ -176,6 +180,8 @@ def compile_report(jitted, args: dict, topology: Topology, mesh, *, kwargs: dict
                       arguments_per_chip_gib={k: _gib(v) for k, v in arg_bytes.items()},
                       xla_error=str(e).strip().splitlines()[0])
         return report
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was_on)
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes

@@ -231,13 +231,13 @@ def real_vocab_model(tmp_path_factory):
 def reference_text(model, prompt: str, wav=None, *, num_beams: int, max_new_tokens: int) -> str:
     """What transformers generates for one manifest row, decoded with the special tokens removed."""
     tok = processor.load_tokenizer()
-    ids = processor.special_ids(tok)
+    special = processor.special_ids(tok)
     features = n_frames = None
     if wav is not None:
         features, n_frames = processor.log_mel_features(processor.load_audio(wav), out_frames=processor.CHUNK_FRAMES)
     ids = processor.encode_prompt(tok, prompt, None if wav is None else int(processor.num_audio_tokens(n_frames)))
     new, _ = reference(model, ids, n_frames, features, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                       eos=ids.eos, pad=ids.pad)
+                       eos=special.eos, pad=special.pad)
     return tok.decode(new, skip_special_tokens=True)
 
 
