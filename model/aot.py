@@ -26,6 +26,7 @@ import time
 
 import flax.linen as nn
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 from model import sharding
 
@@ -164,6 +165,7 @@ def compile_report(jitted, args: dict, topology: Topology, mesh, *, kwargs: dict
     # compile-only TPU client can neither load nor usefully store them: keep it out of the way.
     cache_was_on = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX decides once per process whether to use it: decide again
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
             compiled = jitted.lower(*args.values(), **(kwargs or {})).compile()
@@ -182,6 +184,7 @@ def compile_report(jitted, args: dict, topology: Topology, mesh, *, kwargs: dict
         return report
     finally:
         jax.config.update("jax_enable_compilation_cache", cache_was_on)
+        compilation_cache.reset_cache()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
