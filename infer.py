@@ -189,6 +189,8 @@ def read_training_run(model_dir: str | None) -> dict | None:
         record = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); was it written by train.py?") from None
     if not isinstance(record, dict):
         raise InputError(f"{path}: expected a JSON object, got {type(record).__name__}")
     for field, kind in (("finished", bool), ("steps", int), ("planned_steps", int)):

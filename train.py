@@ -187,7 +187,7 @@ def _merge_repeated(argv: list[str], flag: str) -> list[str]:
     while i < len(argv):
         if argv[i] in spellings:
             i += 1
-            while i < len(argv) and not argv[i].startswith("--"):
+            while i < len(argv) and not argv[i].startswith("-"):  # the next flag (-h too) ends the list
                 values.append(argv[i])
                 i += 1
         elif argv[i].split("=", 1)[0] in spellings and "=" in argv[i]:
@@ -915,6 +915,9 @@ def refuse_other_settings(what: str, old: dict, new: dict) -> None:
                          f"settings (config.json) or use another --run-dir")
 
 
+REMOVING = ".checkpoints.removing"  # the checkpoints of a finished run, while they are deleted
+
+
 class RunDir:
     """RUN_DIR: checkpoints/ (orbax: parameters, optimizer state, and a record of the settings), config.json (the
     run's settings and resume history, written once the settings check passed), metrics.jsonl, hf/."""
@@ -951,14 +954,18 @@ class RunDir:
         if not path.is_file():
             return None
         record = json.loads(path.read_text(encoding="utf-8"))
-        return record if record.get("finished") else None
+        if not record.get("finished"):
+            return None
+        if self.is_main:  # a kill during remove_checkpoints' rmtree left the renamed folder: finish removing it
+            shutil.rmtree(self.path / REMOVING, ignore_errors=True)
+        return record
 
     def remove_checkpoints(self) -> None:
         """Drop the optimizer checkpoints of a finished, exported run: renamed first, so a kill midway leaves no
-        half checkpoint that a rerun would try to resume from."""
+        half checkpoint that a rerun would try to resume from (the rerun removes the rest: finished_export)."""
         self.ckpt.close()
         if self.is_main and (self.path / "checkpoints").exists():
-            doomed = self.path / ".checkpoints.removing"
+            doomed = self.path / REMOVING
             shutil.rmtree(doomed, ignore_errors=True)
             os.rename(self.path / "checkpoints", doomed)
             shutil.rmtree(doomed)
@@ -1343,13 +1350,14 @@ def main(argv: list[str] | None = None) -> dict | int:
 
 
 if __name__ == "__main__":
+    from model.aot import AotError
     from model.config import ConfigError
     from model.manifest import ManifestError
     try:
         result = main()
         if isinstance(result, int):  # --aot-topology: 0 fits, 3 does not
             sys.exit(result)
-    except (InputError, ManifestError, ConfigError, FileNotFoundError) as e:  # bad input: one clear line
+    except (InputError, ManifestError, ConfigError, AotError, FileNotFoundError) as e:  # bad input: one clear line
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:  # non-finite loss: the message says where the last good checkpoint is

@@ -393,6 +393,12 @@ def test_a_training_run_json_with_a_wrong_field_is_an_input_error_naming_it(tmp_
         infer.read_training_run(str(tmp_path))
 
 
+def test_a_training_run_json_that_is_not_utf8_is_an_input_error_naming_it(tmp_path):
+    (tmp_path / checkpoint.TRAINING_RUN_FILE).write_bytes(b'{"finished": "\xff"}')
+    with pytest.raises(infer.InputError, match=r"training_run.json: not UTF-8 text \(byte 14\)"):
+        infer.read_training_run(str(tmp_path))
+
+
 def test_a_run_directory_without_an_export_says_the_run_has_no_export_yet(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"args": {"scheme": "direct"}, "plan_fingerprint": "x"}))
     with pytest.raises(infer.InputError, match="no export yet"):

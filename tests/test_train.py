@@ -225,8 +225,10 @@ def test_a_finished_run_keeps_its_export_not_its_optimizer_checkpoints_and_a_rer
     out = run(setup, tmp_path / "r", *flags)
     assert out["finished"] and not (tmp_path / "r" / "checkpoints").exists()
     assert (tmp_path / "r" / "hf" / "model.safetensors").is_file() and (tmp_path / "r" / "metrics.jsonl").is_file()
+    (tmp_path / "r" / train.REMOVING / "1").mkdir(parents=True)  # as a kill during the removal leaves it
     again = run(setup, tmp_path / "r", *flags)  # nothing to resume from, nothing to redo
     assert again["already_finished"] and again["losses"] == []
+    assert not (tmp_path / "r" / train.REMOVING).exists()  # the rerun finished removing it
     with pytest.raises(train.InputError, match=r"this finished run was made with other settings: --epochs 1 -> 2"):
         run(setup, tmp_path / "r", *flags[:3], "2", *flags[4:])
     kept = run(setup, tmp_path / "k", *flags, "--keep-optimizer-state")
@@ -482,6 +484,14 @@ def test_aot_topology_compiles_this_runs_train_step_for_v5p_8_without_weights_or
     seq_len, n_frames = train.step_shape(longest, frames)
     assert (report["workload"]["seq_len"], report["workload"]["audio_frames"]) == (seq_len, n_frames)
     assert 0 < report["memory_per_chip_gib"]["total"] < 1 and report["arguments_per_chip_gib"]["opt_state"] > 0
+
+
+def test_an_unknown_aot_topology_exits_2_with_one_line_naming_the_known_ones():
+    out = subprocess.run([sys.executable, "train.py", "--model", "tiny", "--aot-topology", "v9-99"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert "train.py: error:" in out.stderr and "unknown TPU topology" in out.stderr and "v5p-8" in out.stderr
 
 
 @pytest.mark.slow

@@ -153,6 +153,11 @@ def test_train_manifest_in_tyros_underscore_spelling_repeated_keeps_every_manife
         assert train.parse_args(argv).train_manifest == ("a.jsonl", "b.jsonl:0.5"), argv
 
 
+def test_a_single_dash_flag_after_the_manifests_ends_their_list():
+    assert train._merge_repeated(["--train-manifest", "a.jsonl", "-h"], "--train-manifest") == \
+        ["-h", "--train-manifest", "a.jsonl"]
+
+
 def test_the_same_manifest_given_twice_is_refused_it_would_double_its_rows(tmp_path):
     write_manifest(tmp_path / "a.jsonl", 2, 2, "a")
     args = train.Args(train_manifest=(str(tmp_path / "a.jsonl"), str(tmp_path / ".." / tmp_path.name / "a.jsonl:0.5")))
