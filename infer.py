@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from model import aot, checkpoint, generate, processor, qwen2_audio, sharding
 from model.answer import MAX_NEW_TOKENS, parse_answer
-from model.config import PRESETS, ConfigError, Qwen2AudioConfig, get_config
+from model.config import PRESETS, ConfigError, Qwen2AudioConfig, get_config, resolve_model
 from model.manifest import ManifestError, atomic_write_text, iter_jsonl, jsonl_text, read_manifest
 from model.compilation import compilations, enable_persistent_cache
 from model.processor import round_up
@@ -73,7 +73,8 @@ class InputError(ValueError):
 @dataclasses.dataclass
 class Args:
     model: str
-    """Hugging Face model directory, train.py run directory (RUN_DIR/hf is used), or `tiny` (random weights); with
+    """Hugging Face model directory, train.py run directory (RUN_DIR/hf is used), `mini` (the pretrained miniature
+    shipped in models/mini) or `tiny` (random weights); with
     --aot-topology also a preset of model/config.py (e.g. `7b`): only its config is read."""
     manifest: str | None = None
     """Manifest JSONL to decode (required, but with --aot-topology and its shape flags)."""
@@ -153,10 +154,10 @@ def check_out_path(out: str) -> None:
 
 
 def resolve_model_dir(model: str) -> str | None:
-    """The Hugging Face directory behind --model; None for the `tiny` preset."""
+    """The Hugging Face directory behind --model (`mini`: the shipped miniature's); None for the `tiny` preset."""
     if model == "tiny":
         return None
-    path = Path(model)
+    path = Path(resolve_model(model))
     # A train.py run directory first: it has a config.json of its own (the run's settings) beside hf/.
     if (path / "hf" / "config.json").is_file():
         return str(path / "hf")
@@ -167,7 +168,7 @@ def resolve_model_dir(model: str) -> str | None:
                              f"and export it")
         return str(path)
     raise InputError(f"--model {model}: no config.json in {path} or {path / 'hf'} "
-                     f"(expected a Hugging Face directory, a train.py run directory, or 'tiny')")
+                     f"(expected a Hugging Face directory, a train.py run directory, 'mini' or 'tiny')")
 
 
 def is_run_settings(config_path: Path) -> bool:

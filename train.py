@@ -87,8 +87,9 @@ class Args:
     epochs: int = 3
     """E."""
     model: str = "tiny"
-    """A Hugging Face Qwen2-Audio directory (e.g. Qwen2-Audio-7B-Instruct) / our RUN_DIR/hf, or a preset with random
-    weights: 'tiny' (the demo) or '7b' (needs --random-init)."""
+    """A Hugging Face Qwen2-Audio directory (e.g. Qwen2-Audio-7B-Instruct) / our RUN_DIR/hf; 'mini', the pretrained
+    miniature shipped in models/mini (the demo); or a preset with random weights: 'tiny' or '7b' (needs
+    --random-init)."""
     random_init: bool = False
     """Allow a preset other than 'tiny' to start from random weights (a smoke test, never a result)."""
     run_dir: str | None = None
@@ -145,7 +146,8 @@ class Args:
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep."""
     eval_max_rows: int = 200
-    """Dev rows used for the epoch-end evaluation (the first N transcript rows); 0 = no evaluation."""
+    """Dev rows used for the epoch-end evaluation: the first N transcript rows and the first N recording rows (loss
+    on the transcripts; intent accuracy and SLU-F1 of greedy answers on both); 0 = no evaluation."""
     eval_max_new_tokens: int | None = None
     """Token limit of the epoch-end greedy decoding. None: infer.py's default (model/answer.py MAX_NEW_TOKENS)."""
     seed: int = 0
@@ -407,7 +409,8 @@ def resolve_batch(args: Args, data: int, fsdp: int) -> tuple[int, int]:
                          f"{args.grad_accum}")
     if args.global_batch is None and args.grad_accum is not None:
         return micro * args.grad_accum, args.grad_accum
-    target = args.global_batch or (PAPER_GLOBAL_BATCH if os.path.isdir(args.model) else DEMO_GLOBAL_BATCH)
+    target = args.global_batch or checkpoint_defaults(args.model).get("global_batch") or \
+        (PAPER_GLOBAL_BATCH if os.path.isdir(args.model) else DEMO_GLOBAL_BATCH)
     if target < 1 or target % micro:
         raise InputError(
             f"global batch {target} is not a multiple of the micro-batch: --per-device-batch {args.per_device_batch} "
@@ -428,9 +431,27 @@ def check_model_choice(args: Args) -> None:
                          f"{args.model!r} preset from random weights (a smoke test, never a result), add --random-init")
 
 
+def checkpoint_defaults(model: str) -> dict:
+    """The fine-tuning defaults a model directory states for itself ({"peak_lr", "global_batch"}; pretrain.py writes
+    them into the miniature's pretraining.json: the paper's 5e-6 at batch 128 is a 7B model's learning rate), or {}."""
+    path = Path(model) / "pretraining.json"
+    if not path.is_file():
+        return {}
+    try:
+        defaults = json.loads(path.read_text(encoding="utf-8")).get("finetune_defaults", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise InputError(f"{path}: expected a JSON object (pretrain.py writes it)") from None
+    for key, kind in (("peak_lr", float), ("global_batch", int)):
+        if key in defaults and not (isinstance(defaults[key], (int, float) if kind is float else int)
+                                    and defaults[key] > 0):
+            raise InputError(f"{path}: finetune_defaults.{key} must be a positive number, got {defaults[key]!r}")
+    return defaults
+
+
 def resolve_lr(args: Args) -> tuple[float, float]:
     pretrained = os.path.isdir(args.model)
-    peak = args.peak_lr if args.peak_lr is not None else (5e-6 if pretrained else 1e-2)
+    peak = args.peak_lr if args.peak_lr is not None else \
+        checkpoint_defaults(args.model).get("peak_lr", 5e-6 if pretrained else 1e-2)
     last = args.last_epoch_peak_lr if args.last_epoch_peak_lr is not None else peak * 3 / 5
     return peak, last
 
@@ -802,50 +823,81 @@ def load_model(args: Args, config, param_sh, dtype_params):
 
 
 class Evaluator:
-    """Epoch-end dev evaluation on transcript rows: teacher-forced answer loss and greedy intent accuracy
-    (scenario and action both right), the paper's headline metric with text input.
+    """Epoch-end dev evaluation: the teacher-forced answer loss on the transcript rows, and greedy decoding scored as
+    score.py scores it (intent accuracy: scenario and action both right; SLU-F1), on the transcript rows and on the
+    recording rows (speech is what the paper scores). Decoding batches as infer.py does (its shape buckets, audio
+    and text rows apart), so the numbers are those infer.py + score.py would print for these rows.
 
     Multi-host: every process runs it on the same rows (host inputs count as replicated; the params are the
     global sharded arrays), and results are gathered to every host, so all processes agree on the numbers."""
 
-    def __init__(self, rows: list[dict], tok, config, dtype, max_new_tokens: int, batch: int = 8):
-        self.rows, self.tok, self.config, self.dtype = rows, tok, config, dtype
-        self.batch, self.max_new_tokens = batch, max_new_tokens
+    def __init__(self, text_rows: list[dict], speech_rows: list[dict], tok, config, dtype, max_new_tokens: int,
+                 source: str, batch: int = 8):
         import jax
+        import infer
+        self.text_rows, self.speech_rows, self.tok, self.config, self.dtype = text_rows, speech_rows, tok, config, dtype
+        self.batch, self.max_new_tokens = batch, max_new_tokens
+        # prompts and the decoding order as infer.py plans them; every recording's header was read here, up front
+        self.items = {name: infer.plan_rows(rows, tok, use_audio=True, source=source)
+                      for name, rows in (("text", text_rows), ("speech", speech_rows)) if rows}
         self.loss_fn = jax.jit(lambda p, mb: answer_loss(p, config, mb, dtype, "none"))
 
-    def __call__(self, params) -> dict:
+    def loss(self, params) -> float:
+        from model.checkpoint import host_array
+        from model import processor as P
+        pad = P.special_ids(self.tok).pad
+        loss_sum = n_tok = 0.0
+        for start in range(0, len(self.text_rows), self.batch):
+            examples = [make_example(r, self.tok) for r in self.text_rows[start:start + self.batch]]
+            examples += [None] * (self.batch - len(examples))  # one shape for every chunk
+            mb = collate(examples, P.seq_bucket(max(len(e.ids) for e in examples if e)), None, pad_id=pad)
+            l, n = self.loss_fn(params, mb)
+            loss_sum, n_tok = loss_sum + float(host_array(l)), n_tok + float(host_array(n))
+        return loss_sum / max(n_tok, 1.0)
+
+    def predictions(self, params, items: list[dict]) -> dict[str, dict]:
+        """{row id: infer.py's output row} of greedy decoding."""
         import jax.numpy as jnp
-        from model.answer import parse_answer
+        import infer
         from model.checkpoint import host_array
         from model.generate import greedy_search
         from model import processor as P
         ids_of = P.special_ids(self.tok)
-        loss_sum = n_tok = correct = 0.0
-        for start in range(0, len(self.rows), self.batch):
-            chunk = self.rows[start:start + self.batch]
-            examples = [make_example(r, self.tok) for r in chunk]
-            examples += [None] * (self.batch - len(examples))  # one shape for every chunk
-            mb = collate(examples, P.seq_bucket(max(len(e.ids) for e in examples if e)), None, pad_id=ids_of.pad)
-            l, n = self.loss_fn(params, mb)
-            loss_sum, n_tok = loss_sum + float(host_array(l)), n_tok + float(host_array(n))
-            # greedy decoding of the left-padded prompts
-            prompts = [P.encode_prompt(self.tok, P.build_prompt(r["text"], audio=False)) for r in chunk]
-            prompts += [prompts[0]] * (self.batch - len(prompts))
-            width = P.seq_bucket(max(map(len, prompts)))
-            ids = np.full((self.batch, width), ids_of.pad, np.int32)
-            mask = np.zeros((self.batch, width), np.int32)
-            for i, p in enumerate(prompts):
-                ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-            out = greedy_search(params, self.config, jnp.asarray(ids), jnp.asarray(mask),
+        preds = {}
+        for chunk in infer.batches(items, self.batch):
+            b = infer.make_batch(chunk, self.tok, self.batch, ids_of.pad)
+            out = greedy_search(params, self.config, jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]),
+                                None if b["input_features"] is None else jnp.asarray(b["input_features"]),
+                                None if b["feature_lengths"] is None else jnp.asarray(b["feature_lengths"]),
                                 max_new_tokens=self.max_new_tokens, eos_ids=ids_of.eos, pad_id=ids_of.pad,
                                 dtype=self.dtype)
             tokens, lengths = host_array(out.tokens), host_array(out.lengths)
-            for i, row in enumerate(chunk):
-                labels, _ = parse_answer(self.tok.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True))
-                correct += labels["scenario"] == row["scenario"] and labels["action"] == row["action"]
-        return {"dev_loss": loss_sum / max(n_tok, 1.0), "dev_intent_acc": correct / len(self.rows),
-                "dev_rows": len(self.rows)}
+            for i, item in enumerate(chunk):
+                generated = self.tok.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True)
+                preds[item["row"]["id"]] = infer.output_row(item["row"], item["prompt"], generated)
+        return preds
+
+    def __call__(self, params) -> dict:
+        from score import score_rows
+        out = {}
+        if self.text_rows:
+            out["dev_loss"] = self.loss(params)
+        for name, rows in (("text", self.text_rows), ("speech", self.speech_rows)):
+            if rows:
+                scores = score_rows(rows, self.predictions(params, self.items[name]))
+                prefix = "dev_" if name == "text" else "dev_speech_"
+                out.update({prefix + "intent_acc": scores["intent_acc"], prefix + "slu_f1": scores["slu_f1"],
+                            prefix + "rows": len(rows)})
+        return out
+
+    def describe(self, row: dict) -> str:
+        """One line of the epoch-end log."""
+        parts = [f"dev loss {row['dev_loss']:.4f}"] if "dev_loss" in row else []
+        for prefix, what in (("dev_", "transcripts"), ("dev_speech_", "recordings")):
+            if prefix + "rows" in row:
+                parts.append(f"{what}: intent accuracy {row[prefix + 'intent_acc']:.3f}, SLU-F1 "
+                             f"{row[prefix + 'slu_f1']:.3f} ({row[prefix + 'rows']} rows)")
+        return "; ".join(parts)
 
 
 @dataclass
@@ -1005,6 +1057,8 @@ class RunDir:
 
 
 def train(args: Args) -> dict:
+    from model.config import resolve_model
+    args = dataclasses.replace(args, model=resolve_model(args.model))
     check_model_choice(args)  # before anything is allocated
     maybe_init_distributed()
     import jax
@@ -1121,8 +1175,13 @@ def make_evaluator(args: Args, tok, config, dtype: str):
     from model.manifest import read_manifest
     if not args.dev_manifest or args.dev_manifest.lower() == "none" or args.eval_max_rows <= 0:
         return None
-    rows = [r for r in read_manifest(find_path(args.dev_manifest)) if r["audio"] is None][:args.eval_max_rows]
-    return Evaluator(rows, tok, config, jnp.dtype(dtype), args.eval_max_new_tokens or MAX_NEW_TOKENS) if rows else None
+    path = find_path(args.dev_manifest)
+    rows = read_manifest(path)
+    text = [r for r in rows if r["audio"] is None][:args.eval_max_rows]
+    speech = [r for r in rows if r["audio"] is not None][:args.eval_max_rows]
+    if not text and not speech:
+        return None
+    return Evaluator(text, speech, tok, config, jnp.dtype(dtype), args.eval_max_new_tokens or MAX_NEW_TOKENS, path)
 
 
 def summarize_steps(ran: list[dict]) -> dict:
@@ -1130,7 +1189,8 @@ def summarize_steps(ran: list[dict]) -> dict:
     return {"first_loss": ran[0]["loss"] if ran else None, "last_loss": ran[-1]["loss"] if ran else None,
             "tokens_per_s": round(sum(h["tokens"] for h in ran) / max(sum(h["seconds"] for h in ran), 1e-9), 1),
             "n_speech_seen": sum(h["n_speech"] for h in ran), "n_text_seen": sum(h["n_text"] for h in ran),
-            "evals": [{k: h[k] for k in ("epoch", "dev_loss", "dev_intent_acc")} for h in ran if "dev_loss" in h],
+            "evals": [{k: v for k, v in h.items() if k == "epoch" or k.startswith("dev_")} for h in ran
+                      if any(k.startswith("dev_") for k in h)],
             # the step shapes it compiled, and the share of padded token positions in its steps
             "step_shapes": sorted({tuple(h["shape"]) for h in ran}, key=lambda s: (s[0], s[1] or 0)),
             "padding": padding_share(ran)}
@@ -1213,7 +1273,7 @@ def train_phase(k: int, phase: Phase, params: dict, opt_leaves: list | None, fir
             epoch_end = in_epoch == plan.epochs[epoch]["steps"] - 1
             if epoch_end and evaluator is not None:
                 row.update(evaluator(merge_params(frozen, trainable)))
-                log(f"\nepoch {epoch + 1}: dev loss {row['dev_loss']:.4f}, intent accuracy {row['dev_intent_acc']:.3f}")
+                log(f"\nepoch {epoch + 1}: {evaluator.describe(row)}")
             rows.append(row)
             run.log(row)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{row['lr']:.2e}",
@@ -1342,6 +1402,8 @@ def aot_train(args: Args) -> int:
 
 def main(argv: list[str] | None = None) -> dict | int:
     args = parse_args(argv)
+    from model.config import resolve_model
+    args = dataclasses.replace(args, model=resolve_model(args.model))  # `mini`: the shipped miniature's directory
     if args.plan_only:
         return print_plan(args)
     if args.aot_topology is not None:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from model.manifest import atomic_write_text
 
@@ -232,8 +233,21 @@ PRESETS: dict[str, Qwen2AudioConfig] = {
 }
 
 
+# Pretrained checkpoints that ship in the repository, by name. `mini` is the miniature Qwen2-Audio that pretrain.py
+# builds (the README's "The pretrained miniature"): an ordinary Hugging Face Qwen2-Audio directory with its own
+# compact tokenizer, whose special-token ids come from its files like any checkpoint's.
+SHIPPED = {"mini": Path(__file__).resolve().parent.parent / "models" / "mini"}
+
+
+def resolve_model(name_or_dir: str) -> str:
+    """A shipped checkpoint's name -> its directory; a preset name or a path unchanged."""
+    return str(SHIPPED[name_or_dir]) if name_or_dir in SHIPPED else name_or_dir
+
+
 def get_config(name_or_dir: str) -> Qwen2AudioConfig:
-    """A preset name ("7b", "tiny") or a checkpoint directory holding config.json."""
+    """A preset name ("7b", "tiny"), a shipped checkpoint's name ("mini") or a checkpoint directory holding
+    config.json."""
+    name_or_dir = resolve_model(name_or_dir)
     if name_or_dir in PRESETS:
         return PRESETS[name_or_dir]
     if os.path.isdir(name_or_dir):

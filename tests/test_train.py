@@ -202,6 +202,31 @@ def test_curriculum_last_epoch_starts_a_fresh_adamw_for_the_language_model_and_t
     assert np.array_equal(leaves(after["params"])[embed], leaves(boundary)[embed])
 
 
+def test_epoch_end_evaluation_decodes_transcripts_and_recordings_as_infer_py_does(setup, tmp_path):
+    # the dev numbers are infer.py's greedy answers scored by score.py: same prompts, features, buckets, tokens
+    import jax.numpy as jnp
+    import infer
+    from model.config import get_config
+    from score import score_rows
+    rows = [json.loads(line) for line in setup["manifest"].read_text().splitlines()]
+    text, speech = [r for r in rows if r["audio"] is None][:5], [r for r in rows if r["audio"]][:3]
+    tok, config = P.load_tokenizer(setup["model"]), get_config(str(setup["model"]))
+    _, params = load_hf(setup["model"], dtype=np.float32)
+    evaluator = train.Evaluator(text, speech, tok, config, jnp.float32, 6, str(setup["manifest"]))
+    result = evaluator(params)
+    manifest = tmp_path / "dev.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in text + speech))
+    infer.main(infer.Args(model=str(setup["model"]), manifest=str(manifest), out=str(tmp_path / "p.jsonl"),
+                          num_beams=1, max_new_tokens=6, batch_size=8))
+    theirs = {r["id"]: r for r in map(json.loads, (tmp_path / "p.jsonl").read_text().splitlines())}
+    for name, subset in (("text", text), ("speech", speech)):
+        ours = evaluator.predictions(params, evaluator.items[name])
+        assert {i: r["generated"] for i, r in ours.items()} == {r["id"]: theirs[r["id"]]["generated"] for r in subset}
+    assert result["dev_rows"] == 5 and result["dev_speech_rows"] == 3
+    assert result["dev_intent_acc"] == score_rows(text, theirs)["intent_acc"]
+    assert result["dev_speech_slu_f1"] == score_rows(speech, theirs)["slu_f1"]
+
+
 def test_resume_with_another_result_setting_is_refused_and_leaves_config_json_untouched(setup, tmp_path):
     flags = ("--scheme", "text-only", "--epochs", "1", "--per-device-batch", "4", "--grad-accum", "1", "--fsdp", "1")
     run(setup, tmp_path / "r", *flags, "--max-steps", "1")
@@ -438,6 +463,9 @@ def test_two_process_distributed_run_has_the_losses_evaluation_and_export_of_one
     assert evals["one"]["dev_rows"] == evals["two"]["dev_rows"] == 3
     assert evals["two"]["dev_loss"] == pytest.approx(evals["one"]["dev_loss"], abs=1e-5)
     assert evals["two"]["dev_intent_acc"] == evals["one"]["dev_intent_acc"]
+    assert evals["one"]["dev_speech_rows"] == evals["two"]["dev_speech_rows"] == 3  # the recordings decoded too
+    for key in ("dev_slu_f1", "dev_speech_intent_acc", "dev_speech_slu_f1"):
+        assert evals["two"][key] == evals["one"][key], key
     # The export gathers each tensor across the two processes; process 0 writes the same model as one process.
     from safetensors.numpy import load_file
     exported = {d: load_file(str(tmp_path / d / "hf" / "model.safetensors")) for d in ("one", "two")}
