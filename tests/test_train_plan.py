@@ -176,6 +176,19 @@ def test_global_batch_fixes_the_step_and_the_accumulation_follows_the_mesh():
     assert train.resolve_batch(train.Args(per_device_batch=8, grad_accum=1), 1, 2) == (16, 1)
 
 
+def test_a_model_directory_states_its_own_finetuning_defaults_and_flags_override_them(tmp_path):
+    # the shipped miniature says {"peak_lr", "global_batch"} in pretraining.json; a bare directory gets the paper's
+    assert train.resolve_lr(train.Args(model=str(tmp_path))) == (5e-6, pytest.approx(3e-6))
+    (tmp_path / "pretraining.json").write_text(json.dumps({"finetune_defaults": {"peak_lr": 1e-3, "global_batch": 32}}))
+    assert train.resolve_lr(train.Args(model=str(tmp_path))) == (1e-3, pytest.approx(6e-4))
+    assert train.resolve_batch(train.Args(model=str(tmp_path)), 1, 2) == (32, 8)
+    assert train.resolve_lr(train.Args(model=str(tmp_path), peak_lr=2e-4))[0] == 2e-4
+    assert train.resolve_batch(train.Args(model=str(tmp_path), global_batch=8), 1, 2) == (8, 2)
+    (tmp_path / "pretraining.json").write_text(json.dumps({"finetune_defaults": {"peak_lr": "fast"}}))
+    with pytest.raises(train.InputError, match=r"pretraining.json: finetune_defaults.peak_lr must be a positive"):
+        train.resolve_lr(train.Args(model=str(tmp_path)))
+
+
 def test_a_global_batch_the_mesh_cannot_split_is_an_error_naming_the_numbers():
     with pytest.raises(train.InputError, match=r"global batch 100 .* --per-device-batch 2 x 8 data-parallel devices "
                                                r"\(--data-parallel 1 x --fsdp 8\) = 16 rows"):
