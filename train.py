@@ -468,10 +468,10 @@ def build_plan(args: Args, sources: list[Source], manifests: list[list[dict]], g
         speech_fraction=args.speech_fraction, curriculum_schedule=args.curriculum_schedule)
 
 
-def check_audio(plan: Plan, sources: list[Source], manifests: list[list[dict]]) -> int:
+def check_audio(plan: Plan, sources: list[Source], manifests: list[list[dict]]) -> list[str]:
     """Every recording the run will use is read from its header (in parallel) before the first step: all bad rows
-    are reported at once as `manifest:line: id: reason`, instead of a crash at their batch hours in. Returns how
-    many clips are longer than 30 s (cut to their first 30 s, as Qwen2-Audio's processor does)."""
+    are reported at once as `manifest:line: id: reason`, instead of a crash at their batch hours in. Returns the
+    ids of the clips longer than 30 s (cut to their first 30 s, as Qwen2-Audio's processor does)."""
     from model.manifest import iter_jsonl
     from model.processor import MAX_AUDIO_SECONDS, check_audio_file
     rows = [{r["id"]: r for r in m} for m in manifests]
@@ -485,7 +485,7 @@ def check_audio(plan: Plan, sources: list[Source], manifests: list[list[dict]]) 
                   for (m, i), reason in bad]
         raise InputError(f"{len(bad)} of the {len(keys)} recordings this run uses cannot be trained on:\n  "
                          + "\n  ".join(report))
-    return sum(seconds > MAX_AUDIO_SECONDS for _, seconds in results)
+    return [k[1] for k, (_, seconds) in zip(keys, results) if seconds > MAX_AUDIO_SECONDS]
 
 
 def resolve_mesh_shape(args: Args, n_devices: int) -> tuple[int, int, int]:
@@ -1077,7 +1077,7 @@ def train(args: Args) -> dict:
 
     # --- the data plan, checked before any model work: manifests, batch, audio files ----------------------------
     config = get_config(args.model)
-    manifests, batch, plan = plan_run(args, log)
+    manifests, batch, plan, long_ids = plan_run(args, log)
     phases = training_phases(args, plan)
     total_steps = plan.total_steps if args.max_steps is None else min(plan.total_steps, args.max_steps)
 
@@ -1108,7 +1108,8 @@ def train(args: Args) -> dict:
               "micro_batch": m.micro_batch, "grad_accum": m.grad_accum, "global_batch": plan.global_batch,
               "total_steps": plan.total_steps, "plan_fingerprint": plan.fingerprint(),
               "plan": {k: v for k, v in plan.to_json().items() if k != "speech_subset"},
-              "trainable_params": n_params(trainable), "frozen_params": n_params(frozen), "model_config": hf_config}
+              "trainable_params": n_params(trainable), "frozen_params": n_params(frozen), "model_config": hf_config,
+              "recordings_over_30s": long_ids}
     if is_main:
         atomic_write_text(run_dir / "config.json", json.dumps(record, indent=2, ensure_ascii=False, default=str))
     run.trim_metrics(start)
@@ -1145,6 +1146,7 @@ def train(args: Args) -> dict:
             run.remove_checkpoints()
     summary = {"scheme": args.scheme, "run_dir": str(run_dir), "steps": total_steps, "planned_steps": plan.total_steps,
                "resumed_from": start, "seconds": round(time.time() - t_start, 1), "opt_state_size": opt_size,
+               "recordings_over_30s": len(long_ids),
                **summarize_steps(ran), **(compilations() - compiled_before).to_json(),
                "hf_export": str(run_dir / "hf") if args.export else None, "finished": done,
                "losses": [h["loss"] for h in ran]}
@@ -1153,18 +1155,19 @@ def train(args: Args) -> dict:
     return summary
 
 
-def plan_run(args: Args, log) -> tuple[list[list[dict]], tuple[int, int], Plan]:
-    """(manifests, (global batch, accumulation), plan), with every recording the plan uses checked."""
+def plan_run(args: Args, log) -> tuple[list[list[dict]], tuple[int, int], Plan, list[str]]:
+    """(manifests, (global batch, accumulation), plan, ids of the recordings cut to 30 s), with every recording the
+    plan uses checked."""
     import jax
     data, fsdp, _ = resolve_mesh_shape(args, jax.device_count())
     sources, manifests = load_sources(args)
     batch = resolve_batch(args, data, fsdp)
     plan = build_plan(args, sources, manifests, batch[0])
-    n_long = check_audio(plan, sources, manifests)
-    if n_long:
-        log(f"train.py: note: {n_long} of the recordings are longer than 30 s and are cut to their first 30 s, as "
-            f"Qwen2-Audio's processor does")
-    return manifests, batch, plan
+    long_ids = check_audio(plan, sources, manifests)
+    if long_ids:
+        log(f"train.py: note: {len(long_ids)} of the recordings are longer than 30 s and are cut to their first 30 s, "
+            f"as Qwen2-Audio's processor does (ids in config.json, recordings_over_30s)")
+    return manifests, batch, plan, long_ids
 
 
 def make_evaluator(args: Args, tok, config, dtype: str):

@@ -302,6 +302,24 @@ def test_bad_recordings_are_all_reported_with_manifest_line_before_any_model_wor
     assert "4 of the 5 recordings" in message and not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_recordings_longer_than_30_s_are_counted_and_recorded_in_config_json(setup, tmp_path, capsys):
+    # cut to 30 s as the reference's processor does: the run's record says which answers saw part of their audio
+    import soundfile as sf
+    sf.write(tmp_path / "long.wav", np.zeros(16000 * 31, np.float32), 16000)
+    good = demo_rows(0, 1)[0]
+    rows = demo_rows(2, 0) + [good, {**good, "id": "long", "audio": str(tmp_path / "long.wav")}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = train.parse_args(["--model", str(setup["model"]), "--train-manifest", str(manifest), "--scheme", "direct",
+                             "--speech-fraction", "1.0", "--run-dir", str(tmp_path / "run"), "--dev-manifest", "none",
+                             "--fsdp", "1", "--global-batch", "4", "--per-device-batch", "4", "--max-steps", "1",
+                             "--no-export", "--no-progress"])
+    summary = train.train(args)
+    assert summary["recordings_over_30s"] == 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["recordings_over_30s"] == ["long"]
+    assert "1 of the recordings are longer than 30 s" in capsys.readouterr().out
+
+
 def test_7b_preset_without_random_init_exits_2_naming_the_fix_and_allocates_nothing(tmp_path):
     # peak memory of this program alone: VmHWM (ru_maxrss would include the forking test process's pages)
     probe = ("import re, runpy, sys; sys.argv = ['train.py', '--model', '7b', '--run-dir', %r]\n"
