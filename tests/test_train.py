@@ -162,6 +162,18 @@ def test_curriculum_transcript_epochs_leave_the_audio_path_bit_identical_even_wi
     assert 0 <= out["opt_state_size"] - 2 * sum(after[k].size for k in before if k not in audio) < 16
 
 
+def test_curriculum_carry_ablation_keeps_one_adamw_over_every_parameter_but_the_position_table(setup, tmp_path):
+    # --curriculum-optimizer carry: the audio path is trainable (optimizer state, weight decay) from step 1
+    _, initial = load_hf(setup["model"], dtype=np.float32)
+    out = boundary_run(setup, tmp_path / "c", "--weight-decay", "0.1", "--curriculum-optimizer", "carry")
+    before, after = leaves(initial), leaves(out["params"])
+    embed = "['audio_tower']['embed_positions']['embedding']"
+    kernel = "['multi_modal_projector']['linear']['kernel']"
+    assert not np.array_equal(before[kernel], after[kernel])  # no recording yet: weight decay moved it
+    assert np.array_equal(before[embed], after[embed])
+    assert 0 <= out["opt_state_size"] - 2 * sum(after[k].size for k in before if k != embed) < 16
+
+
 def test_curriculum_last_epoch_starts_a_fresh_adamw_for_the_language_model_and_the_audio_tower(setup, tmp_path):
     # The paper's last epoch is a new training run: its first update must be the one a freshly constructed AdamW
     # (zero moments, step 0) makes from the phase-boundary parameters. No warmup, so that update is not zero.
