@@ -424,11 +424,20 @@ def resolve_batch(args: Args, data: int, fsdp: int) -> tuple[int, int]:
 
 
 def check_model_choice(args: Args) -> None:
-    """A preset other than the demo's 'tiny' has random weights: never train one by accident."""
-    if not os.path.isdir(args.model) and args.model != "tiny" and not args.random_init:
+    """A preset other than 'tiny' has random weights: never train one by accident (nor a mistyped path)."""
+    from model.config import PRESETS
+    if os.path.isdir(args.model) or args.model == "tiny":
+        return
+    if args.model not in PRESETS:
+        raise InputError(f"--model {args.model}: not a directory, nor a preset ({', '.join(PRESETS)}) or 'mini' "
+                         f"(the shipped miniature). Pass the path of a Hugging Face Qwen2-Audio directory (e.g. a "
+                         f"download of Qwen/Qwen2-Audio-7B-Instruct)")
+    if not args.random_init:
         raise InputError(f"--model {args.model}: not a directory. Pass the path of a Hugging Face Qwen2-Audio "
                          f"directory (e.g. a download of Qwen/Qwen2-Audio-7B-Instruct); to train the "
                          f"{args.model!r} preset from random weights (a smoke test, never a result), add --random-init")
+    print(f"train.py: warning: --model {args.model} --random-init: the weights are random (a smoke test, never a "
+          f"result)", file=sys.stderr)
 
 
 def checkpoint_defaults(model: str) -> dict:

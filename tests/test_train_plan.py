@@ -189,6 +189,12 @@ def test_a_model_directory_states_its_own_finetuning_defaults_and_flags_override
         train.resolve_lr(train.Args(model=str(tmp_path)))
 
 
+def test_a_mistyped_model_path_is_named_as_a_path_not_as_a_preset(tmp_path):
+    with pytest.raises(train.InputError, match=r"--model /ckpt/Qwen2-Audi: not a directory, nor a preset \(7b, tiny\)"):
+        train.check_model_choice(train.Args(model="/ckpt/Qwen2-Audi", random_init=True))
+    train.check_model_choice(train.Args(model="7b", random_init=True))  # allowed, with a warning
+
+
 def test_a_global_batch_the_mesh_cannot_split_is_an_error_naming_the_numbers():
     with pytest.raises(train.InputError, match=r"global batch 100 .* --per-device-batch 2 x 8 data-parallel devices "
                                                r"\(--data-parallel 1 x --fsdp 8\) = 16 rows"):
