@@ -528,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "no target speech, curriculum wherever a cell has speech)")
     parser.add_argument("--oracle", action="store_true", help="also decode the test transcripts with text-only")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--model", default="tiny", help="preset (tiny, 7b) or Hugging Face Qwen2-Audio directory")
+    parser.add_argument("--model", default="mini", help="Hugging Face Qwen2-Audio directory, 'mini' (the shipped "
+                        "pretrained miniature) or a random preset (tiny, 7b)")
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--infer-flag", dest="infer_flags", action="append", default=[], metavar="FLAG",

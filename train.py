@@ -1,6 +1,6 @@
 """Fine-tune Qwen2-Audio for SLU: text-only, direct mixing or curriculum (arXiv 2509.15389).
 
-    python train.py --scheme curriculum                        # tiny preset on the demo corpus, a few minutes on a CPU
+    python train.py --scheme curriculum                        # the pretrained miniature on the demo, 2-3 min on a CPU
     python train.py --scheme direct --speech-fraction 0.02 --model /ckpt/Qwen2-Audio-7B-Instruct \
         --train-manifest data/slurp/train.jsonl --fsdp 8 --run-dir runs/direct-p002
     python train.py --scheme curriculum --plan-only            # print the epoch plan as JSON, load no model
@@ -86,7 +86,7 @@ class Args:
     """p: fraction of each manifest's speech rows in the subset (0..1)."""
     epochs: int = 3
     """E."""
-    model: str = "tiny"
+    model: str = "mini"
     """A Hugging Face Qwen2-Audio directory (e.g. Qwen2-Audio-7B-Instruct) / our RUN_DIR/hf; 'mini', the pretrained
     miniature shipped in models/mini (the demo); or a preset with random weights: 'tiny' or '7b' (needs
     --random-init)."""
