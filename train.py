@@ -96,8 +96,9 @@ class Args:
     """Checkpoints, metrics.jsonl, config.json, hf/ export. Default runs/<scheme>. Rerunning resumes."""
     global_batch: int | None = None
     """Rows per optimizer step, the same on any hardware: accumulation = global_batch / (per_device_batch x data x
-    fsdp). None: 128 (the paper) for a pretrained --model directory, 16 for a preset; or, when --grad-accum is
-    given, per_device_batch x grad_accum x data x fsdp."""
+    fsdp). None: the model directory's own default (pretraining.json; the miniature's is 4), else 128 (the paper)
+    for a pretrained --model directory, 16 for a preset; or, when --grad-accum is given, per_device_batch x
+    grad_accum x data x fsdp."""
     per_device_batch: int = 2
     """Rows per device per micro-batch (paper: 2)."""
     grad_accum: int | None = None
@@ -109,8 +110,9 @@ class Args:
     tensor_parallel: int = 1
     """Mesh axis 'tensor' (heads / mlp / vocab sharded)."""
     peak_lr: float | None = None
-    """Peak learning rate of the main schedule. None: the paper's 5e-6 for a pretrained --model directory, 1e-2 for
-    a randomly initialised preset (5e-6 would leave a random tiny model where it started)."""
+    """Peak learning rate of the main schedule. None: the model directory's own default (pretraining.json; the
+    miniature's is 1e-3), else the paper's 5e-6 for a pretrained --model directory, 1e-2 for a randomly initialised
+    preset (5e-6 would leave a random tiny model where it started)."""
     warmup_ratio: float = 0.04
     """Linear-warmup fraction of the main schedule (paper: 0.04)."""
     last_epoch_peak_lr: float | None = None

@@ -202,7 +202,7 @@ def test_setting_trains_on_the_documented_manifests_per_train_py_plan(capsys, xl
     sources = [train.parse_source(e, float(_flag(last, "--speech-fraction"))) for e in _entries(last)]
     assert [Path(s.path).parent.name for s in sources] == [m for m, _, _ in expected]
     plan = json.loads(subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "--plan-only", "--scheme", scheme, "--epochs", "1",
+        [sys.executable, str(REPO / "train.py"), "--plan-only", "--fsdp", "1", "--scheme", scheme, "--epochs", "1",
          "--speech-fraction", _flag(last, "--speech-fraction"), "--train-manifest", *_entries(last)],
         cwd=REPO, capture_output=True, text=True, check=True).stdout)
     assert [(Path(m["path"]).parent.name, m["n_text"], m["n_p"]) for m in plan["manifests"]] == [
@@ -367,7 +367,7 @@ def test_rerun_of_the_same_command_reuses_every_cell(fake):
 
 @pytest.mark.parametrize("change, train_flags, expected", [
     (["--epochs", "2"], (), "trained with other settings: --epochs 3 -> 2"),
-    (["--model", "/ckpt/other"], (), "--model tiny -> /ckpt/other"),
+    (["--model", "/ckpt/other"], (), "--model mini -> /ckpt/other"),
     ([], ("--peak-lr", "1e-3"), "--peak-lr (absent) -> 1e-3"),
     (["--num-beams", "1"], (), "made with other settings: decoding: --num-beams 3 -> 1"),
 ])
@@ -480,8 +480,8 @@ def ran(tmp_path_factory):
     """The grid run once; every grid.run_command call recorded."""
     tmp = tmp_path_factory.mktemp("grid")
     _small_demo(tmp / "corpus")
-    argv = ["--corpus-dir", str(tmp / "corpus"), "--grid", str(tmp / "g" / "demo"), "--schemes", "text-only",
-            "direct", "--oracle", "--fractions", "0.5", "--seeds", "0", "1", "--epochs", "1", "--num-beams", "1",
+    argv = ["--corpus-dir", str(tmp / "corpus"), "--grid", str(tmp / "g" / "demo"), "--model", "tiny",
+            "--schemes", "text-only", "direct", "--oracle", "--fractions", "0.5", "--seeds", "0", "1", "--epochs", "1", "--num-beams", "1",
             "--max-new-tokens", "8", "--infer-flag=--dtype", "--infer-flag=float32",
             "--", "--per-device-batch", "8", "--grad-accum", "1", "--no-progress"]
     calls = []
