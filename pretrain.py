@@ -318,14 +318,19 @@ def collate_batch(examples, spoken, tok, pad_id: int, answer_len: int) -> dict:
     frames = max([ex.features.shape[1] for ex in examples if ex.features is not None], default=0)
     n_frames = audio_bucket(frames) if frames else None
     out = collate(examples, seq_len, n_frames, min(answer_len, seq_len), pad_id=pad_id)
-    out["ctc_labels"] = np.zeros((len(examples), answer_len), np.int32)
-    out["ctc_label_paddings"] = np.ones((len(examples), answer_len), np.float32)
-    for r, text in enumerate(spoken):
+    return {**out, **ctc_targets(spoken, tok, answer_len)}
+
+
+def ctc_targets(texts: list[str | None], tok, label_len: int) -> dict:
+    """ctc_labels [B, label_len] (the token ids of each spoken text) and ctc_label_paddings (1 past them, and on the
+    rows whose text is None: no recording, no alignment loss)."""
+    labels = np.zeros((len(texts), label_len), np.int32)
+    paddings = np.ones((len(texts), label_len), np.float32)
+    for r, text in enumerate(texts):
         if text is not None:
             ids = tok.encode(text, add_special_tokens=False).ids
-            out["ctc_labels"][r, :len(ids)] = ids
-            out["ctc_label_paddings"][r, :len(ids)] = 0.0
-    return out
+            labels[r, :len(ids)], paddings[r, :len(ids)] = ids, 0.0
+    return {"ctc_labels": labels, "ctc_label_paddings": paddings}
 
 
 def alignment_loss(params, config, batch, blank_id: int):
@@ -377,16 +382,12 @@ def collate_listen(idx: list[int], sentences, feats, tok, label_len: int) -> dic
     """Recordings and the token ids of what they say (the arrays alignment_loss reads)."""
     from model.processor import audio_bucket
     T = audio_bucket(max(feats[i].shape[1] for i in idx))
-    out = {"input_features": np.zeros((len(idx), 128, T), np.float32),
-           "feature_lengths": np.array([sentences[i]["n_frames"] for i in idx], np.int32),
-           "ctc_labels": np.zeros((len(idx), label_len), np.int32),
-           "ctc_label_paddings": np.ones((len(idx), label_len), np.float32)}
+    features = np.zeros((len(idx), 128, T), np.float32)
     for r, i in enumerate(idx):
-        out["input_features"][r, :, :feats[i].shape[1]] = feats[i]
-        ids = tok.encode(sentences[i]["text"], add_special_tokens=False).ids
-        out["ctc_labels"][r, :len(ids)] = ids
-        out["ctc_label_paddings"][r, :len(ids)] = 0.0
-    return out
+        features[r, :, :feats[i].shape[1]] = feats[i]
+    return {"input_features": features,
+            "feature_lengths": np.array([sentences[i]["n_frames"] for i in idx], np.int32),
+            **ctc_targets([sentences[i]["text"] for i in idx], tok, label_len)}
 
 
 def make_listen_step(config, tx, blank_id: int):

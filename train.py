@@ -871,17 +871,15 @@ class Evaluator:
         import jax.numpy as jnp
         import infer
         from model.checkpoint import host_array
-        from model.generate import greedy_search
         from model import processor as P
         ids_of = P.special_ids(self.tok)
+        search, static = infer.decoder(1, self.max_new_tokens, self.dtype, ids_of)  # greedy, as infer.py runs it
         preds = {}
         for chunk in infer.batches(items, self.batch):
             b = infer.make_batch(chunk, self.tok, self.batch, ids_of.pad)
-            out = greedy_search(params, self.config, jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]),
-                                None if b["input_features"] is None else jnp.asarray(b["input_features"]),
-                                None if b["feature_lengths"] is None else jnp.asarray(b["feature_lengths"]),
-                                max_new_tokens=self.max_new_tokens, eos_ids=ids_of.eos, pad_id=ids_of.pad,
-                                dtype=self.dtype)
+            inputs = [None if b[key] is None else jnp.asarray(b[key])
+                      for key in ("input_ids", "attention_mask", "input_features", "feature_lengths")]
+            out = search(params, self.config, *inputs, **static)
             tokens, lengths = host_array(out.tokens), host_array(out.lengths)
             for i, item in enumerate(chunk):
                 generated = self.tok.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True)
