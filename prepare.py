@@ -2,6 +2,7 @@
 
     python prepare.py demo   --out data/prepared/demo                # the bundled corpus (train.py's default)
     python prepare.py demo   --regenerate                            # rebuild data/demo/ with espeak-ng
+    python prepare.py synth  --manifest DIR/train.jsonl --out DIR/synth  # espeak-ng speech of the transcripts
     python prepare.py slurp  --annotations slurp/dataset/slurp --audio-dir slurp_real --out DIR
     python prepare.py massive --massive-dir amazon-massive-dataset-1.1 --locales fr-FR de-DE --out DIR
     python prepare.py speech-massive --speech-massive-dir Speech-MASSIVE --locales fr-FR --out DIR
@@ -765,6 +766,50 @@ def regenerate_demo(demo_dir: Path, templates_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Synthetic speech of a manifest's transcripts (train.py --subset-selection gap)
+
+SYNTH_VOICES = {"en": "en-us", "fr": "fr-fr"}  # other languages: espeak-ng's voice named by the ISO code
+SYNTH_SPEED, SYNTH_RATE = 175, 16000
+SYNTH_MANIFEST = "synthetic.jsonl"
+
+
+def synthesize(manifest: Path, out: Path) -> list[dict]:
+    """OUT/synthetic.jsonl: for every speech row of `manifest`, a row with the same id and labels whose audio is
+    espeak-ng speaking its transcript (one voice per language, SYNTH_VOICES; one file per distinct text), so that
+    train.py's gap selection can compare the model on a transcript and on cheap speech of it before any real
+    recording is chosen. Built in a temporary sibling of OUT, renamed to OUT when complete."""
+    if shutil.which("espeak-ng") is None:
+        raise ManifestError("espeak-ng not found on PATH: synth needs it (Debian: apt-get install espeak-ng)")
+    rows = [r for r in read_manifest(manifest) if r["audio"] is not None]
+    if not rows:
+        raise ManifestError(f"{manifest}: no speech rows (rows with audio) to synthesise transcripts for")
+    if out.exists() and not (out / SYNTH_MANIFEST).is_file():
+        raise ManifestError(f"{out}: exists and is not a synth output (no {SYNTH_MANIFEST}); choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "audio").mkdir()
+        files, synthetic = {}, []
+        for row in rows:
+            voice = SYNTH_VOICES.get(row["lang"], row["lang"])
+            key = (voice, row["text"])
+            if key not in files:
+                files[key] = f"audio/{len(files):06d}.wav"
+                sf.write(tmp / files[key], speak(row["text"], voice, SYNTH_SPEED, SYNTH_RATE), SYNTH_RATE)
+            synthetic.append({"id": row["id"], "lang": row["lang"], "text": row["text"], "audio": files[key],
+                              "scenario": row["scenario"], "action": row["action"], "entities": row["entities"],
+                              "voice": voice, "speed": SYNTH_SPEED})
+        write_manifest(tmp / SYNTH_MANIFEST, synthetic)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out / SYNTH_MANIFEST}: {len(synthetic)} speech rows, {len(files)} synthetic recordings")
+    return synthetic
+
+
+# ----------------------------------------------------------------------------------------------------
 # Audio checks and the summary
 
 def drop_missing_audio(rows: Rows, gone: set[str]) -> None:
@@ -928,7 +973,18 @@ def main(argv=None) -> int:
     p.add_argument("--demo-dir", type=Path, default=DEMO_DIR, help="where the corpus lives (default: data/demo)")
     p.add_argument("--templates", type=Path, help="template file (default: DEMO_DIR/templates.json)")
 
+    p = sub.add_parser("synth", help="espeak-ng speech of a manifest's transcripts, for train.py --subset-selection gap")
+    p.add_argument("--manifest", type=Path, required=True, help="a training manifest (its speech rows are the candidates)")
+    p.add_argument("--out", type=Path, required=True, help="output folder: synthetic.jsonl and audio/")
+
     args = parser.parse_args(argv)
+    if args.corpus == "synth":
+        try:
+            synthesize(args.manifest, args.out)
+        except ManifestError as e:
+            print(f"prepare.py: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     stage = AudioStage(args.out) if args.corpus in ("speech-massive", "italic") else None
     try:
         if args.corpus == "slurp":

@@ -156,6 +156,26 @@ class Args:
     """Everything except the speech subset: parameter init, epoch shuffles."""
     subset_seed: int = 0
     """The permutation the speech subset is a prefix of."""
+    subset_selection: Literal["random", "gap"] = "random"
+    """Which speech rows make the subset (README, "Distillation and gap selection"). random: a prefix of one seeded
+    permutation (--subset-seed). gap: the top of a ranking by the text-speech gap of --gap-reference on synthetic
+    speech of the transcripts (--gap-speech), spread over intents by their mean gap; nested across fractions."""
+    gap_speech: tuple[str, ...] = ()
+    """--subset-selection gap: per --train-manifest (same order), a manifest of synthetic recordings of its speech
+    rows' transcripts, by row id (`python prepare.py synth --manifest TRAIN --out DIR` writes DIR/synthetic.jsonl)."""
+    gap_reference: str | None = None
+    """--subset-selection gap: the model whose gap ranks the rows (default --model, the initial model; e.g. a
+    text-only run's RUN_DIR/hf)."""
+    distill_weight: float = 0.0
+    """Cross-modal distillation (README, "Distillation and gap selection"): on every speech row, add weight x T^2 x
+    KL(teacher given the row's transcript || model given its audio), summed over the answer tokens, to the answer
+    cross-entropy. 0: off, today's loss exactly."""
+    distill_teacher: Literal["self", "frozen"] = "self"
+    """self: the model itself on the transcript, no gradient through it (MTBI's behaviour imitation). frozen: a copy
+    of the model as it was when speech training started (direct: the initial model; curriculum: the end of the
+    text-only phase), never updated (SALAD's text teacher)."""
+    distill_temperature: float = 1.0
+    """T: both distributions are softmax(logits / T)."""
     plan_only: bool = False
     """Print the epoch plan as one JSON object and exit (no model is loaded)."""
     aot_topology: str | None = None
@@ -180,7 +200,8 @@ class Args:
 def parse_args(argv: list[str] | None = None) -> Args:
     import tyro
     argv = list(sys.argv[1:] if argv is None else argv)
-    return tyro.cli(Args, args=_merge_repeated(argv, "--train-manifest"), description=__doc__.split("\n")[0])
+    argv = _merge_repeated(_merge_repeated(argv, "--train-manifest"), "--gap-speech")
+    return tyro.cli(Args, args=argv, description=__doc__.split("\n")[0])
 
 
 def _merge_repeated(argv: list[str], flag: str) -> list[str]:
@@ -234,13 +255,19 @@ def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def speech_subset(speech_ids: list[str], fraction: float, subset_seed: int) -> list[str]:
-    """The first round(fraction*N) ids of one seeded permutation of the ids sorted: nested across fractions."""
+def speech_subset(speech_ids: list[str], fraction: float, subset_seed: int,
+                  ranking: list[str] | None = None) -> list[str]:
+    """The first round(fraction*N) ids of one seeded permutation of the ids sorted, or of `ranking` (gap selection):
+    nested across fractions."""
     ordered = sorted(speech_ids)
     if len(set(ordered)) != len(ordered):
         raise InputError("speech row ids must be unique")
-    perm = np.random.default_rng(subset_seed).permutation(len(ordered))
     n_p = round_half_up(fraction * len(ordered))
+    if ranking is not None:
+        if sorted(ranking) != ordered:
+            raise InputError("the gap ranking does not rank exactly the manifest's speech rows")
+        return ranking[:n_p]
+    perm = np.random.default_rng(subset_seed).permutation(len(ordered))
     return [ordered[i] for i in perm[:n_p]]
 
 
@@ -257,6 +284,7 @@ class Plan:
     epoch_keys: list[list[tuple]]  # per epoch, the shuffled rows
     epochs: list[dict]             # per epoch: epoch, text, speech, steps, peak_lr, warmup_steps
     phases: list[dict]             # learning-rate schedules: steps, peak_lr, warmup_steps (joined end to end)
+    selection: dict | None = None  # gap selection: the ranking's record (None: the seeded permutation)
 
     @property
     def total_steps(self) -> int:
@@ -275,6 +303,8 @@ class Plan:
             "total_steps": self.total_steps,
             "manifests": self.sources,
             "schedules": self.phases,
+            # only for gap selection, so that the fingerprints of random-subset runs stay what they were
+            **({"subset_selection": self.selection} if self.selection else {}),
         }
 
     def fingerprint(self) -> str:
@@ -299,8 +329,10 @@ def make_plan(scheme: str, epochs: int, global_batch: int, text_ids: list[list[s
               fractions: list[float], *, seed: int = 0, subset_seed: int = 0, peak_lr: float = 5e-6,
               warmup_ratio: float = 0.04, last_epoch_peak_lr: float = 3e-6, last_epoch_warmup_ratio: float = 0.02,
               paths: list[str] | None = None, speech_fraction: float | None = None,
-              curriculum_schedule: str = "own") -> Plan:
-    """The epoch plan for one or more manifests (lists are per manifest, in --train-manifest order)."""
+              curriculum_schedule: str = "own", rankings: list[list[str]] | None = None,
+              selection: dict | None = None) -> Plan:
+    """The epoch plan for one or more manifests (lists are per manifest, in --train-manifest order). rankings: per
+    manifest, the order the speech subset is a prefix of (gap selection; None: the seeded permutation)."""
     if scheme not in SCHEMES:
         raise InputError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if epochs < 1 or global_batch < 1:
@@ -308,7 +340,8 @@ def make_plan(scheme: str, epochs: int, global_batch: int, text_ids: list[list[s
     paths = paths or [f"manifest{i}" for i in range(len(text_ids))]
     text_keys, subset_keys, sources = [], [], []
     for m, (texts, speech, fraction) in enumerate(zip(text_ids, speech_ids, fractions)):
-        subset = [] if scheme == "text-only" else speech_subset(speech, fraction, subset_seed)
+        subset = [] if scheme == "text-only" else \
+            speech_subset(speech, fraction, subset_seed, rankings[m] if rankings else None)
         text_keys += [(m, i) for i in texts]
         subset_keys += [(m, i) for i in subset]
         sources.append({"path": paths[m], "speech_fraction": fraction, "n_text": len(texts),
@@ -354,7 +387,8 @@ def make_plan(scheme: str, epochs: int, global_batch: int, text_ids: list[list[s
                              "steps": steps[e], "peak_lr": peak, "warmup_steps": phase["warmup_steps"]}
     return Plan(scheme=scheme, speech_fraction=fractions[0] if speech_fraction is None else speech_fraction,
                 global_batch=global_batch, sources=sources, text_keys=text_keys, subset_keys=subset_keys,
-                n_speech=sum(len(s) for s in speech_ids), epoch_keys=epoch_keys, epochs=epoch_rows, phases=phases)
+                n_speech=sum(len(s) for s in speech_ids), epoch_keys=epoch_keys, epochs=epoch_rows, phases=phases,
+                selection=selection)
 
 
 def lr_schedule(phases: list[dict]):
@@ -468,6 +502,8 @@ def resolve_lr(args: Args) -> tuple[float, float]:
 
 
 def build_plan(args: Args, sources: list[Source], manifests: list[list[dict]], global_batch: int) -> Plan:
+    rankings, selection = gap_rankings(args, sources, manifests) if args.subset_selection == "gap" and \
+        args.scheme != "text-only" else (None, None)
     peak, last = resolve_lr(args)
     return make_plan(
         args.scheme, args.epochs, global_batch,
@@ -476,7 +512,8 @@ def build_plan(args: Args, sources: list[Source], manifests: list[list[dict]], g
         fractions=[s.speech_fraction for s in sources], seed=args.seed, subset_seed=args.subset_seed,
         peak_lr=peak, warmup_ratio=args.warmup_ratio, last_epoch_peak_lr=last,
         last_epoch_warmup_ratio=args.last_epoch_warmup_ratio, paths=[s.path for s in sources],
-        speech_fraction=args.speech_fraction, curriculum_schedule=args.curriculum_schedule)
+        speech_fraction=args.speech_fraction, curriculum_schedule=args.curriculum_schedule, rankings=rankings,
+        selection=selection)
 
 
 def check_audio(plan: Plan, sources: list[Source], manifests: list[list[dict]]) -> list[str]:
@@ -525,6 +562,126 @@ def print_plan(args: Args) -> dict:
     out = plan.to_json()
     print(json.dumps(out, ensure_ascii=False))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2b. Gap selection: which recordings to pay for, ranked by the text-speech gap on synthetic speech
+# ----------------------------------------------------------------------------------------------------------------
+
+GAP_SCORE = "teacher-forced answer KL(transcript || synthetic speech) per answer token; D'Hondt over intents' medians"
+
+
+def gap_order(rows: list[dict], gaps: dict[str, float]) -> list[str]:
+    """The speech rows' ids in gap order. Intents (scenario_action) share the budget in proportion to their median
+    gap by the highest-averages (D'Hondt) rule: each next place goes to the intent with the largest
+    median gap / (places it has + 1); within an intent, its rows by their own gap, largest first (ties: by id). The
+    median, so that a few outlier rows (a clip the reference mishears for any reason) cannot buy their intent the
+    budget; every prefix is the subset of a smaller fraction."""
+    by_intent: dict[str, list[str]] = {}
+    for r in sorted(rows, key=lambda r: (-gaps[r["id"]], r["id"])):
+        by_intent.setdefault(f"{r['scenario']}_{r['action']}", []).append(r["id"])
+    median = {k: float(np.median([gaps[i] for i in ids])) for k, ids in by_intent.items()}
+    taken = dict.fromkeys(by_intent, 0)
+    order = []
+    for _ in range(len(rows)):
+        k = max((k for k in sorted(by_intent) if taken[k] < len(by_intent[k])),
+                key=lambda k: median[k] / (taken[k] + 1))  # max keeps the first of equals: ties go by intent name
+        order.append(by_intent[k][taken[k]])
+        taken[k] += 1
+    return order
+
+
+def gap_scores(reference: str, pairs: list[tuple[dict, dict]], batch: int = 8) -> dict[str, float]:
+    """{row id: the reference model's mean KL per answer token between its answer given the transcript (the
+    target) and given the synthetic recording}, teacher-forced on the row's gold answer: distill_kl at T=1, the
+    distillation term of these rows before any training. pairs: (training row, its synthetic row)."""
+    import jax
+    import jax.numpy as jnp
+    from model import processor as P
+    from model.checkpoint import load_hf
+    from model.config import get_config
+    from model.sharding import resolve_dtype
+    config, tok = get_config(reference), P.load_tokenizer(reference if os.path.isdir(reference) else None)
+    _, params = load_hf(reference, dtype=jnp.float32)
+    dtype, pad = jnp.dtype(resolve_dtype("auto")), P.special_ids(tok).pad
+
+    @jax.jit
+    def row_kl(params, mb):
+        student = answer_logits(params, config, mb, dtype, "none")
+        teacher = answer_logits(params, config, mb, dtype, "none", prefix="teacher_")
+        kl = jax.vmap(lambda s, t, m: distill_kl(s[None], t[None], m[None], 1.0))(student, teacher, mb["distill_mask"])
+        return kl / jnp.maximum(mb["distill_mask"].sum(-1), 1.0)
+
+    scores = {}
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start:start + batch]
+        speech = [make_example({**row, "audio": synthetic["audio"]}, tok) for row, synthetic in chunk]
+        text = [make_example({**row, "audio": None}, tok) for row, _ in chunk]
+        speech += [None] * (batch - len(chunk))
+        text += [None] * (batch - len(chunk))
+        seq_len, frames = step_shape(max(len(e.ids) for e in speech if e), max(e.n_frames for e in speech if e))
+        answer_len = max(len(e.ids) - e.n_prompt for e in speech if e)
+        mb = collate(speech, seq_len, frames, answer_len, pad)
+        mb.update(collate_teacher(text, step_shape(max(len(e.ids) for e in text if e), None)[0], answer_len, pad))
+        kl = np.asarray(row_kl(params, mb))
+        scores.update({row["id"]: float(kl[i]) for i, (row, _) in enumerate(chunk)})
+    return scores
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gap_rankings(args: Args, sources: list[Source], manifests: list[list[dict]]) -> tuple[list[list[str]], dict]:
+    """(per manifest, its speech rows' ids in gap order; what the run's config records). A ranking is computed once
+    per (manifest rows, synthetic recordings, reference model) and cached next to the synthetic manifest, under the
+    fingerprint of all three (file contents, not names): a changed input makes a new ranking, never reuses one."""
+    from model.config import resolve_model
+    from model.manifest import atomic_write_text, read_manifest
+    if len(args.gap_speech) != len(sources):
+        raise InputError(f"--subset-selection gap: --gap-speech needs one synthetic-speech manifest per "
+                         f"--train-manifest ({len(sources)}), got {len(args.gap_speech)}; make them with `python "
+                         f"prepare.py synth --manifest TRAIN --out DIR` (DIR/synthetic.jsonl)")
+    reference = resolve_model(args.gap_reference or args.model)
+    if not os.path.isdir(reference):
+        raise InputError(f"--gap-reference {reference}: gap selection needs a trained model directory (the initial "
+                         f"--model or a text-only run's RUN_DIR/hf), not a random preset")
+    model_digest = hashlib.sha256("".join(
+        f"{p.name}:{file_digest(p)}\n" for p in sorted(Path(reference).iterdir()) if p.is_file()).encode()).hexdigest()
+    rankings, records = [], []
+    for source, rows, speech_path in zip(sources, manifests, args.gap_speech):
+        speech_path = find_path(speech_path)
+        synthetic = {r["id"]: r for r in read_manifest(speech_path)}
+        candidates = sorted((r for r in rows if r["audio"] is not None), key=lambda r: r["id"])
+        missing = [r["id"] for r in candidates if r["id"] not in synthetic]
+        if missing:
+            raise InputError(f"{speech_path}: no synthetic recording for {len(missing)} of the {len(candidates)} speech "
+                             f"rows of {source.path} (first: {', '.join(missing[:3])}); make it from that manifest")
+        other = [r["id"] for r in candidates if synthetic[r["id"]]["text"] != r["text"]]
+        if other:
+            raise InputError(f"{speech_path}: {len(other)} rows speak another text than {source.path}'s row of the same "
+                             f"id (first: {other[0]}); make it from that manifest")
+        blob = json.dumps([GAP_SCORE, model_digest] + [
+            [r["id"], r["text"], r["scenario"], r["action"], r["entities"], file_digest(synthetic[r["id"]]["audio"])]
+            for r in candidates], ensure_ascii=False)
+        fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        cache = Path(speech_path).resolve().parent / "gap-rankings" / f"{fingerprint}.json"
+        if cache.is_file():
+            order = json.loads(cache.read_text(encoding="utf-8"))["order"]
+        else:
+            gaps = gap_scores(reference, [(r, synthetic[r["id"]]) for r in candidates])
+            order = gap_order(candidates, gaps)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache, json.dumps({"score": GAP_SCORE, "reference": reference, "manifest": source.path,
+                                                 "synthetic": speech_path, "order": order, "gaps": gaps}, indent=1))
+        rankings.append(order)
+        records.append({"manifest": source.path, "synthetic": speech_path, "ranking": str(cache),
+                        "fingerprint": fingerprint})
+    return rankings, {"method": "gap", "score": GAP_SCORE, "reference": reference, "manifests": records}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -593,6 +750,16 @@ def collate(examples: list[Example | None], seq_len: int, n_frames_max: int | No
     return out
 
 
+def collate_teacher(teachers: list[Example | None], seq_len: int, answer_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The distillation teacher's inputs for one micro-batch: row i is the transcript of student row i when that row
+    is a recording (else a padding row). The answer tokens are the same in both, so position j of answer_index and of
+    teacher_answer_index hold the same answer token; distill_mask marks the answer tokens of the recording rows."""
+    t = collate(teachers, seq_len, None, answer_len, pad_id)
+    return {"teacher_input_ids": t["input_ids"], "teacher_attention_mask": t["attention_mask"],
+            "teacher_answer_index": t["answer_index"],
+            "distill_mask": np.take_along_axis(t["loss_mask"], t["answer_index"], axis=1)}
+
+
 # Step shapes. Every new (sequence length, audio frames) pair compiles a new train step (minutes for 7b), so
 # both are padded up to short lists (model/processor.py: seq_bucket, audio_bucket). A SLURP-like epoch then runs a
 # handful of shapes (tests/test_train_plan.py; `bench.py shapes` prints the trade-off). One answer length per run.
@@ -626,12 +793,13 @@ class StepLoader:
     `shapes` collects the step shapes loaded; `padding` the real and padded token positions."""
 
     def __init__(self, plan: Plan, rows: list[dict[str, dict]], tok, grad_accum: int, micro_batch: int,
-                 local_rows: slice):
+                 local_rows: slice, distill: bool = False):
         from model import processor as P
         from model.answer import render_answer
         from model.processor import round_up
         self.plan, self.rows, self.tok = plan, rows, tok
         self.grad_accum, self.micro_batch, self.local = grad_accum, micro_batch, local_rows
+        self.distill = distill  # steps with recordings also carry their transcripts (collate_teacher)
         self.pad_id = P.special_ids(tok).pad
         # one answer length for the whole run (logits are computed only there, so its padding is cheap)
         used = {k for keys in plan.epoch_keys for k in keys}
@@ -654,10 +822,22 @@ class StepLoader:
         longest = max([len(ex.ids) for ex in flat] + [1])
         frames = max([ex.features.shape[1] for ex in flat if ex.features is not None] + [0])
         any_speech = any(self.rows[k[0]][k[1]]["audio"] is not None for k in keys if k is not None)
-        longest, frames = _global_max(longest, frames)
+        teachers = [[None if ex is None or ex.features is None else self.teacher_example(k) for k, ex in zip(ks, mb)]
+                    for ks, mb in zip(micro, examples)] if self.distill and any_speech else None
+        teacher_longest = max([len(t.ids) for mb in teachers or [] for t in mb if t is not None] + [1])
+        longest, frames, teacher_longest = _global_max(longest, frames, teacher_longest)
         seq_len, n_frames = step_shape(longest, frames if any_speech else None)
-        arrays = [collate(mb, seq_len, n_frames, min(self.answer_len, seq_len), self.pad_id) for mb in examples]
+        answer_len = min(self.answer_len, seq_len)
+        arrays = [collate(mb, seq_len, n_frames, answer_len, self.pad_id) for mb in examples]
+        if teachers is not None:
+            teacher_len = step_shape(teacher_longest, None)[0]
+            for a, mb in zip(arrays, teachers):
+                a.update(collate_teacher(mb, teacher_len, answer_len, self.pad_id))
         return {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
+
+    def teacher_example(self, key: tuple) -> Example:
+        """The transcript of the recording row `key`, with the same instruction and answer."""
+        return make_example({**self.rows[key[0]][key[1]], "audio": None}, self.tok)
 
 
 def _global_max(*values: int) -> tuple[int, ...]:
@@ -673,19 +853,49 @@ def _global_max(*values: int) -> tuple[int, ...]:
 # 4. The train step
 # ----------------------------------------------------------------------------------------------------------------
 
-def answer_loss(params, config, mb: dict, dtype, remat_policy: str):
-    """(sum of token cross-entropies over answer tokens, their count) for one micro-batch. Logits are fp32."""
+def answer_logits(params, config, mb: dict, dtype, remat_policy: str, prefix: str = ""):
+    """fp32 logits [b, A, V] of one micro-batch at the positions whose next token is an answer token (answer_index);
+    prefix "teacher_" reads the transcript inputs collate_teacher adds (no audio)."""
+    from model.qwen2_audio import forward
+    audio = (None, None) if prefix else (mb.get("input_features"), mb.get("feature_lengths"))
+    return forward(params, config, mb[prefix + "input_ids"], mb[prefix + "attention_mask"], *audio, dtype=dtype,
+                   remat_policy=remat_policy, logits_at=mb[prefix + "answer_index"])
+
+
+def answer_nll(logits, mb: dict):
+    """(sum of token cross-entropies over the answer tokens, their count) from answer_logits."""
     import jax
     import jax.numpy as jnp
-    from model.qwen2_audio import forward
-    idx = mb["answer_index"]  # [b, A]: the positions whose next token is an answer token
-    logits = forward(params, config, mb["input_ids"], mb["attention_mask"], mb.get("input_features"),
-                     mb.get("feature_lengths"), dtype=dtype, remat_policy=remat_policy, logits_at=idx)
-    targets = jnp.take_along_axis(mb["targets"], idx, axis=1)
-    mask = jnp.take_along_axis(mb["loss_mask"], idx, axis=1)
+    targets = jnp.take_along_axis(mb["targets"], mb["answer_index"], axis=1)
+    mask = jnp.take_along_axis(mb["loss_mask"], mb["answer_index"], axis=1)
     logz = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.sum((logz - target) * mask), jnp.sum(mask)
+
+
+def answer_loss(params, config, mb: dict, dtype, remat_policy: str):
+    """(sum of token cross-entropies over answer tokens, their count) for one micro-batch. Logits are fp32."""
+    return answer_nll(answer_logits(params, config, mb, dtype, remat_policy), mb)
+
+
+def distill_kl(student_logits, teacher_logits, mask, temperature: float):
+    """sum over the masked answer positions of T^2 x KL(softmax(teacher / T) || softmax(student / T)): the teacher's
+    distribution is the target (forward KL, as in Hinton et al.'s distillation; T^2 keeps the gradient's scale
+    independent of T)."""
+    import jax
+    import jax.numpy as jnp
+    t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    s = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+    return temperature ** 2 * jnp.sum(kl * mask)
+
+
+@dataclass(frozen=True)
+class Distill:
+    """--distill-*: the weight, the teacher ('self' or 'frozen') and the temperature."""
+    weight: float
+    teacher: str
+    temperature: float
 
 
 def make_optimizer(args: Args, schedule):
@@ -700,30 +910,46 @@ def make_optimizer(args: Args, schedule):
                     weight_decay=args.weight_decay, mask=decay_mask))
 
 
-def make_train_step(config, tx, dtype, remat_policy: str):
-    """(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics).
+def make_train_step(config, tx, dtype, remat_policy: str, distill: Distill | None = None):
+    """(trainable, frozen, opt_state, batch[, teacher]) -> (trainable, opt_state, metrics).
 
     batch leaves are [grad_accum, micro_batch, ...]. Gradients of the SUMMED token losses are accumulated over
     the micro-batches and divided once by the step's answer-token count, so accumulation gives exactly the update
     of one big batch. `frozen` (see Phase) is an input only: no gradient, no optimizer state, returned untouched
-    by construction."""
+    by construction.
+
+    Distillation (a step whose batch carries collate_teacher's arrays, i.e. one with recordings): the objective adds
+    weight x distill_kl of the recording rows, over the same answer-token count. The teacher's logits come from the
+    model itself under stop_gradient ('self') or from `teacher`, a separate parameter tree that is only read
+    ('frozen'; unused otherwise). metrics["distill_kl"] is the KL per distilled answer token."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    def step(trainable, frozen, opt_state, batch):
+    def step(trainable, frozen, opt_state, batch, teacher=None):
+        distilling = distill is not None and "teacher_input_ids" in batch  # a trace-time choice per step shape
+
         def loss_fn(tr, mb):
-            return answer_loss(merge_params(frozen, tr), config, mb, dtype, remat_policy)
+            params = merge_params(frozen, tr)
+            student = answer_logits(params, config, mb, dtype, remat_policy)
+            nll, n = answer_nll(student, mb)
+            if not distilling:
+                return nll, (nll, jnp.float32(0), n)
+            source = jax.lax.stop_gradient(params) if distill.teacher == "self" else teacher
+            target = answer_logits(source, config, mb, dtype, "none", prefix="teacher_")
+            kl = distill_kl(student, jax.lax.stop_gradient(target), mb["distill_mask"], distill.temperature)
+            return nll + distill.weight * kl, (nll, kl, n)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def micro(carry, mb):
-            grads, loss_sum, n_tok = carry
-            (l, n), g = grad_fn(trainable, mb)
-            return (jax.tree.map(jnp.add, grads, g), loss_sum + l, n_tok + n), None
+            grads, loss_sum, kl_sum, n_tok = carry
+            (_, (l, kl, n)), g = grad_fn(trainable, mb)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + l, kl_sum + kl, n_tok + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
-        (grads, loss_sum, n_tok), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+        (grads, loss_sum, kl_sum, n_tok), _ = jax.lax.scan(micro, init, batch)
         denom = jnp.maximum(n_tok, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -731,6 +957,8 @@ def make_train_step(config, tx, dtype, remat_policy: str):
         metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "answer_tokens": n_tok,
                    # tokens of real rows (a padding row's single token is not work done)
                    "tokens": jnp.sum(batch["attention_mask"] * (batch["loss_mask"].sum(-1, keepdims=True) > 0))}
+        if distilling:
+            metrics["distill_kl"] = kl_sum / jnp.maximum(jnp.sum(batch["distill_mask"]), 1.0)
         return trainable, opt_state, metrics
 
     return step
@@ -777,6 +1005,32 @@ def training_phases(args: Args, plan: Plan) -> list[Phase]:
                 Phase(first["steps"], last["steps"], lr_schedule([last]), ALWAYS_FROZEN)]
     frozen = AUDIO_FROZEN + ALWAYS_FROZEN if args.scheme == "text-only" else ALWAYS_FROZEN
     return [Phase(0, plan.total_steps, lr_schedule(plan.phases), frozen)]
+
+
+def make_distill(args: Args) -> Distill | None:
+    return Distill(args.distill_weight, args.distill_teacher, args.distill_temperature) if args.distill_weight else None
+
+
+def speech_start(plan: Plan) -> int:
+    """The first optimizer step of the first epoch with recordings (0 for direct; curriculum: its last epoch)."""
+    first = next((e for e, epoch in enumerate(plan.epochs) if epoch["speech"]), len(plan.epochs))
+    return sum(epoch["steps"] for epoch in plan.epochs[:first])
+
+
+@dataclass
+class FrozenTeacher:
+    """--distill-teacher frozen: the parameters as they were at optimizer step `start` (speech_start), copied once in
+    the compute dtype and never updated; from then on every checkpoint carries them, so a resume has them back."""
+    start: int
+    params: dict | None = None
+
+    def take(self, params: dict, param_sh, dtype) -> None:
+        import jax
+        import jax.numpy as jnp
+        # a copy (the train step donates the live buffers), sharded like the parameters
+        copy = jax.jit(lambda p: jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), p),
+                       out_shardings=param_sh)
+        self.params = copy(params)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1105,8 +1359,11 @@ def train(args: Args) -> dict:
     # --- mesh, model -----------------------------------------------------------------------------------------------
     m = make_run_mesh(args, batch, config)
     hf_config, params, tok, tokenizer_dir = load_model(args, config, m.param_sh, jnp.float32)
+    teacher = FrozenTeacher(speech_start(plan)) if args.distill_weight and args.distill_teacher == "frozen" else None
     if meta:
-        params, opt_leaves = restore_state(run, start, meta, params, phases, args, m)
+        params, opt_leaves, teacher_params = restore_state(run, start, meta, params, phases, args, m, dtype)
+        if teacher is not None:
+            teacher.params = teacher_params
         log(f"resumed from {run_dir}/checkpoints step {start} ({meta['epochs_done']} epochs done)")
     else:
         opt_leaves = None
@@ -1131,9 +1388,9 @@ def train(args: Args) -> dict:
 
     # --- the loop, phase by phase ----------------------------------------------------------------------------------
     loader = StepLoader(plan, [{r["id"]: r for r in rows} for rows in manifests], tok, m.grad_accum, m.micro_batch,
-                        local_batch_rows(m.batch_sh, (m.grad_accum, m.micro_batch)))
+                        local_batch_rows(m.batch_sh, (m.grad_accum, m.micro_batch)), distill=bool(args.distill_weight))
     context = dict(args=args, plan=plan, run=run, m=m, config=config, dtype=dtype, loader=loader,
-                   evaluator=evaluator, settings=settings, history=history, log=log)
+                   evaluator=evaluator, settings=settings, history=history, log=log, teacher=teacher)
     t_start, ran, opt_size = time.time(), [], 0
     for k, phase in enumerate(phases):
         if phase.end <= start or phase.start >= total_steps:
@@ -1161,6 +1418,7 @@ def train(args: Args) -> dict:
                "losses": [h["loss"] for h in ran]}
     log("summary: " + json.dumps({k: v for k, v in summary.items() if k != "losses"}))
     summary["params"] = params  # for callers in Python (tests, notebooks); not printed
+    summary["teacher"] = None if teacher is None else teacher.params
     return summary
 
 
@@ -1208,22 +1466,27 @@ def summarize_steps(ran: list[dict]) -> dict:
             "padding": padding_share(ran)}
 
 
-def restore_state(run: RunDir, start: int, meta: dict, params: dict, phases: list[Phase], args: Args, m: RunMesh):
-    """(parameters, optimizer-state leaves) of checkpoint `start`. The optimizer state has the shape of the phase
-    it was saved in; a checkpoint at a phase boundary holds the finished phase's, which the next phase drops."""
+def restore_state(run: RunDir, start: int, meta: dict, params: dict, phases: list[Phase], args: Args, m: RunMesh,
+                  dtype: str):
+    """(parameters, optimizer-state leaves, the frozen teacher's parameters or None) of checkpoint `start`. The
+    optimizer state has the shape of the phase it was saved in; a checkpoint at a phase boundary holds the finished
+    phase's, which the next phase drops."""
     import jax
     tx, train_sh, _, opt_sh = phase_optimizer(args, phases[meta["phase"]], m)
-    abstract = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+    abstract = lambda tree, sh, dt=None: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, dt or x.dtype, sharding=s), tree, sh)
     trainable, _ = split_params(params, phases[meta["phase"]].frozen)
     opt_shape = jax.eval_shape(tx.init, trainable)
-    state = run.restore(start, {"params": abstract(params, m.param_sh),
-                                "opt_state": jax.tree.leaves(abstract(opt_shape, opt_sh))})
-    return state["params"], state["opt_state"]
+    target = {"params": abstract(params, m.param_sh), "opt_state": jax.tree.leaves(abstract(opt_shape, opt_sh))}
+    if meta.get("teacher"):
+        target["teacher"] = abstract(params, m.param_sh, dtype)
+    state = run.restore(start, target)
+    return state["params"], state["opt_state"], state.get("teacher")
 
 
 def train_phase(k: int, phase: Phase, params: dict, opt_leaves: list | None, first: int, stop: int, *, args: Args,
                 plan: Plan, run: RunDir, m: RunMesh, config, dtype: str, loader: StepLoader, evaluator, settings: dict,
-                history: list, log) -> tuple[dict, list[dict], int]:
+                history: list, log, teacher: FrozenTeacher | None) -> tuple[dict, list[dict], int]:
     """Optimizer steps [first, stop) of phase k -> (parameters, metrics rows, optimizer-state size)."""
     import flax.linen as nn
     import jax
@@ -1236,13 +1499,18 @@ def train_phase(k: int, phase: Phase, params: dict, opt_leaves: list | None, fir
         opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
     else:
         opt_state = jax.tree.unflatten(jax.tree.structure(jax.eval_shape(tx.init, trainable)), opt_leaves)
-    step_fn = jax.jit(make_train_step(config, tx, jnp.dtype(dtype), args.remat),
-                      in_shardings=(train_sh, frozen_sh, opt_sh, m.batch_sh),
-                      out_shardings=(train_sh, opt_sh, m.replicated), donate_argnums=(0, 2))
+    step_impl = make_train_step(config, tx, jnp.dtype(dtype), args.remat, make_distill(args))
+    # two jitted forms: without a teacher tree, and (--distill-teacher frozen, from teacher.start) with one
+    step_fns = [jax.jit(step_impl, in_shardings=(train_sh, frozen_sh, opt_sh, m.batch_sh) + extra,
+                        out_shardings=(train_sh, opt_sh, m.replicated), donate_argnums=(0, 2))
+                for extra in ((), (m.param_sh,))]
 
     def save(step: int, epochs_done: int) -> None:
         state = {"params": merge_params(frozen, trainable), "opt_state": jax.tree.leaves(opt_state)}
+        if teacher is not None and teacher.params is not None:
+            state["teacher"] = teacher.params
         run.save(step, state, {"step": step, "epochs_done": epochs_done, "phase": k, "settings": settings,
+                               "teacher": "teacher" in state,
                                "args": json.loads(json.dumps(dataclasses.asdict(args))), "history": history,
                                "plan_fingerprint": plan.fingerprint(), "seed": args.seed, "subset_seed": args.subset_seed,
                                "data_position": list(plan.position(step)) if step < plan.total_steps
@@ -1261,7 +1529,10 @@ def train_phase(k: int, phase: Phase, params: dict, opt_leaves: list | None, fir
             host_batch = pending.result() if pending is not None else loader(step)
             pending = prefetch.submit(loader, step + 1) if prefetch and step + 1 < stop else None
             batch = to_global(host_batch, m.batch_sh, m.micro_batch)
-            trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch)
+            if teacher is not None and teacher.params is None and step >= teacher.start:
+                teacher.take(merge_params(frozen, trainable), m.param_sh, jnp.dtype(dtype))
+            extra = () if teacher is None or teacher.params is None else (teacher.params,)
+            trainable, opt_state, metrics = step_fns[len(extra)](trainable, frozen, opt_state, batch, *extra)
             metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 if pending is not None:
@@ -1282,6 +1553,8 @@ def train_phase(k: int, phase: Phase, params: dict, opt_leaves: list | None, fir
                    "tokens": int(metrics["tokens"]), "seconds": round(seconds, 4), "grad_norm": metrics["grad_norm"],
                    "answer_tokens": int(metrics["answer_tokens"]), "shape": [seq_len, frames],
                    "padding": round(1 - metrics["tokens"] / positions, 4)}
+            if "distill_kl" in metrics:
+                row["distill_kl"] = metrics["distill_kl"]
             epoch_end = in_epoch == plan.epochs[epoch]["steps"] - 1
             if epoch_end and evaluator is not None:
                 row.update(evaluator(merge_params(frozen, trainable)))
@@ -1394,26 +1667,46 @@ def aot_train(args: Args) -> int:
         batch["input_features"] = jax.ShapeDtypeStruct(rows + (config.audio.num_mel_bins, frames), jnp.float32,
                                                        sharding=m.batch_sh)
         batch["feature_lengths"] = jax.ShapeDtypeStruct(rows, jnp.int32, sharding=m.batch_sh)
-    step_fn = jax.jit(make_train_step(config, tx, jnp.dtype(dtype), args.remat),
-                      in_shardings=(train_sh, frozen_sh, opt_sh, m.batch_sh),
+    teacher = {}  # distillation: the transcripts (at most the step's length) and, for 'frozen', the teacher's copy
+    if args.distill_weight and frames is not None:
+        spec = {"teacher_input_ids": (seq_len, jnp.int32), "teacher_attention_mask": (seq_len, jnp.int32),
+                "teacher_answer_index": (answer_len, jnp.int32), "distill_mask": (answer_len, jnp.float32)}
+        batch.update({k: jax.ShapeDtypeStruct(rows + (n,), t, sharding=m.batch_sh) for k, (n, t) in spec.items()})
+        if args.distill_teacher == "frozen":
+            teacher["teacher"] = aot.abstract_like(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
+                                                                nn.unbox(boxed)), param_sh)
+    step_fn = jax.jit(make_train_step(config, tx, jnp.dtype(dtype), args.remat, make_distill(args)),
+                      in_shardings=(train_sh, frozen_sh, opt_sh, m.batch_sh) + ((param_sh,) if teacher else ()),
                       out_shardings=(train_sh, opt_sh, m.replicated), donate_argnums=(0, 2))
     workload = {"model": args.model, "scheme": args.scheme, "global_batch": global_batch, "grad_accum": accum,
                 "rows_per_chip": args.per_device_batch, "seq_len": seq_len, "audio_frames": frames,
                 "answer_len": answer_len, "remat": args.remat, "dtype": dtype}
     report = aot.compile_report(step_fn, {"trainable": trainable, "frozen": frozen, "opt_state": opt_state,
-                                          "batch": batch}, topology, mesh, workload=workload)
+                                          "batch": batch, **teacher}, topology, mesh, workload=workload)
     shards = fsdp * tensor
     remedies = {
         "temporaries": "activations grow with rows per chip x sequence length: --remat full (or dots), a lower "
                        "--per-device-batch (the accumulation makes up the global batch)",
         "opt_state": f"Adam's 2 moments per trainable parameter, 1/{shards} of them per chip: raise --fsdp",
         "trainable": f"fp32 master weights, 1/{shards} per chip: raise --fsdp",
-        "frozen": f"1/{shards} per chip: raise --fsdp"}
+        "frozen": f"1/{shards} per chip: raise --fsdp",
+        "teacher": f"--distill-teacher frozen's copy of the model, 1/{shards} per chip: --distill-teacher self"}
     return aot.emit(report, remedies, "train.py")
+
+
+def check_flags(args: Args) -> None:
+    """Flag values that make no sense together, refused before anything is read."""
+    if args.distill_weight < 0 or args.distill_temperature <= 0:
+        raise InputError(f"--distill-weight must be >= 0 and --distill-temperature > 0, got {args.distill_weight}, "
+                         f"{args.distill_temperature}")
+    if args.distill_weight and args.scheme == "text-only":
+        raise InputError("--distill-weight: text-only trains on no recordings, so there is nothing to distill on; use "
+                         "--scheme direct or curriculum")
 
 
 def main(argv: list[str] | None = None) -> dict | int:
     args = parse_args(argv)
+    check_flags(args)
     from model.config import resolve_model
     args = dataclasses.replace(args, model=resolve_model(args.model))  # `mini`: the shipped miniature's directory
     if args.plan_only:
