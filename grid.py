@@ -24,6 +24,8 @@ The grid directory (report.py reads exactly this layout):
                                                 same rows (infer.py --input text): the no-ASR-error upper bound
     GRID-report/                                report.py's tables and figures (outside GRID: report.py treats
                                                 every folder inside GRID as part of the layout)
+    CORPUS/synth/synthetic.jsonl                with a +gap row (--schemes curriculum+gap): espeak-ng speech of the
+                                                corpus' train transcripts (prepare.py synth), made once
 
 text-only uses no speech, so it runs once per seed, under p0. Seed k means `--seed k --subset-seed k`: the speech
 subsets of one seed are nested across fractions (train.py takes the first round(p*N) rows of one permutation).
@@ -85,7 +87,7 @@ from model.answer import MAX_NEW_TOKENS
 from model.checkpoint import TRAINING_RUN_FILE
 from model.manifest import ManifestError, atomic_write_text, jsonl_text, read_manifest, write_manifest
 from report import fraction_name  # the directory names report.py parses: p0, p0.02, p1
-from train import SCHEMES
+from train import SCHEMES, VARIANT_SCHEMES, VARIANTS
 
 REPO = Path(__file__).resolve().parent
 PAPER_FRACTIONS = (0.02, 0.05, 0.10, 0.25, 0.50, 1.0)
@@ -201,9 +203,23 @@ class Cell:
         return Cell("text-only", 0.0, self.seed) if self.scheme == "oracle" else self
 
 
+def synthetic_manifest(args) -> Path:
+    """The espeak-ng speech of the corpus' train transcripts that the +gap rows rank by (prepare.py synth),
+    beside the corpus (not in GRID, whose every folder report.py reads)."""
+    return Path(args.corpus_dir) / "synth" / "synthetic.jsonl"
+
+
+def variant_flags(args, scheme: str) -> list[str]:
+    """train.py flags of a SCHEME+VARIANT row (train.VARIANTS), [] for a plain scheme."""
+    if "+" not in scheme:
+        return []
+    variant = scheme.split("+", 1)[1]
+    return [*VARIANTS[variant], *(["--gap-speech", str(synthetic_manifest(args))] if variant == "gap" else [])]
+
+
 def train_command(args, cell: Cell, grid: Path) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), "--scheme", cell.scheme,
-            "--speech-fraction", f"{cell.fraction:g}", "--epochs", str(args.epochs), "--model", args.model,
+    return [sys.executable, str(REPO / "train.py"), "--scheme", cell.scheme.split("+")[0],
+            *variant_flags(args, cell.scheme), "--speech-fraction", f"{cell.fraction:g}", "--epochs", str(args.epochs), "--model", args.model,
             "--run-dir", str(cell.dir(grid) / "run"), "--seed", str(cell.seed), "--subset-seed", str(cell.seed),
             "--train-manifest", *train_entries(args, cell.fraction),
             *([] if "--dev-manifest" in flag_names(args.train_flags) else ["--dev-manifest", dev_manifest(args)]),
@@ -454,6 +470,9 @@ def run_grid(args, test_hash: str) -> tuple[int, int]:
     todo = cells(args)
     n_test = write_test_speech(args, test)
     print(f"grid.py: {grid}: {len(todo)} cells, {n_test} test speech rows in {test}", flush=True)
+    if any(c.scheme.endswith("+gap") for c in todo) and not synthetic_manifest(args).is_file():
+        import prepare  # once per corpus: espeak-ng speech of its train transcripts (train.py caches the ranking)
+        prepare.synthesize(Path(args.corpus_dir) / "train.jsonl", synthetic_manifest(args).parent)
     ran = 0
     for k, cell in enumerate(todo, 1):
         if run_cell(args, cell, grid, test_hash):
@@ -503,6 +522,9 @@ def check_args(args) -> None:
         if not any(c.scheme == scheme for c in cells(args)):
             raise GridError(f"--schemes {scheme}: --setting {args.setting} has no speech for it to mix in "
                             f"(use text-only)")
+    if any(s.endswith("+gap") for s in args.schemes) and args.setting is not None:
+        raise GridError("--schemes ...+gap: gap selection in a grid is for a monolingual --corpus-dir grid (one "
+                        "training manifest); run train.py --subset-selection gap by hand for a setting")
     if args.oracle and "text-only" not in args.schemes:
         raise GridError("--oracle decodes with the text-only model of each seed: keep text-only in --schemes")
     if args.epochs < 1 or args.num_beams < 1 or args.max_new_tokens < 1:
@@ -523,9 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="speech fractions of the mixing schemes (default: the paper's 0.02 0.05 0.10 0.25 0.50 "
                              "1.0; a no-source setting has none of its own: p0)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seed k: --seed k --subset-seed k")
-    parser.add_argument("--schemes", nargs="+", choices=SCHEMES,
+    parser.add_argument("--schemes", nargs="+", choices=SCHEMES + VARIANT_SCHEMES,
                         help="default: all three; with --setting, the paper's rule (text-only where a setting has "
-                             "no target speech, curriculum wherever a cell has speech)")
+                             "no target speech, curriculum wherever a cell has speech). Rows of the related methods: "
+                             "SCHEME+distill, SCHEME+distill-frozen, SCHEME+gap (SCHEME direct or curriculum; "
+                             "README, 'Distillation and gap selection'); +gap needs --corpus-dir, whose train "
+                             "transcripts grid.py has espeak-ng speak once into CORPUS/synth/")
     parser.add_argument("--oracle", action="store_true", help="also decode the test transcripts with text-only")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--model", default="mini", help="Hugging Face Qwen2-Audio directory, 'mini' (the shipped "
@@ -582,7 +607,7 @@ def parse_args(argv: Sequence[str] | None = None):
     args.fractions = sorted(dict.fromkeys(args.fractions))  # 0.1 and 0.10 are one directory
     args.seeds = list(dict.fromkeys(args.seeds))
     chosen = default_schemes(args) if args.schemes is None else args.schemes
-    args.schemes = [s for s in SCHEMES if s in chosen]  # text-only first: the oracle needs it
+    args.schemes = [s for s in SCHEMES + VARIANT_SCHEMES if s in chosen]  # text-only first: the oracle needs it
     return args
 
 

@@ -55,22 +55,26 @@ import numpy as np  # noqa: E402
 
 import score  # noqa: E402
 from model.manifest import atomic_write, atomic_write_text  # noqa: E402
-from train import SCHEMES as TRAIN_SCHEMES  # noqa: E402
+from train import SCHEMES as TRAIN_SCHEMES, VARIANT_SCHEMES  # noqa: E402
 
-SCHEMES = (*TRAIN_SCHEMES, "oracle")  # table row order: train.py's schemes, then the oracle
+# table row order: train.py's schemes, their variants (distillation, gap selection), then the oracle
+SCHEMES = (*TRAIN_SCHEMES, *VARIANT_SCHEMES, "oracle")
 REFERENCE = "text-only"  # relative improvements (and daggers with --dagger-against text-only) are against it
-RIVALS = {"direct": "curriculum", "curriculum": "direct"}  # the paper's dagger: the other method, same fraction
+# the paper's dagger: the other method at the same fraction; a variant's: its own scheme without it
+RIVALS = {"direct": "curriculum", "curriculum": "direct", **{v: v.split("+")[0] for v in VARIANT_SCHEMES}}
 OTHER_METHOD = "other-method"  # --dagger-against's default, the paper's rule: RIVALS at the same fraction
 DAGGER_AGAINST = (OTHER_METHOD, REFERENCE)  # --dagger-against's choices
 DAGGER_NOTES = {  # table.md's footnote for each choice
     OTHER_METHOD: "† significant improvement over the other method (direct or curriculum) at the same speech\n"
-                  "fraction: the 95% intervals do not overlap (the paper's Table 2).",
+                  "fraction: the 95% intervals do not overlap (the paper's Table 2). A variant (scheme+distill,\n"
+                  "scheme+gap, ...) is compared with its own scheme at the same fraction.",
     REFERENCE: f"† significant improvement over {REFERENCE} at the same speech fraction ({REFERENCE}'s p0 cell\n"
                f"where it has none there): the 95% intervals do not overlap.",
 }
 DEFAULT_METRICS = ("slu_f1", "intent_acc", "entity_f1")
 FIGURE_METRIC = "slu_f1"
-COLORS = {"text-only": "tab:gray", "direct": "tab:blue", "curriculum": "tab:orange", "oracle": "tab:green"}
+COLORS = {"text-only": "tab:gray", "direct": "tab:blue", "curriculum": "tab:orange", "oracle": "tab:green",
+          **dict(zip(VARIANT_SCHEMES, ("tab:cyan", "tab:purple", "tab:olive", "tab:red", "tab:brown", "tab:pink")))}
 FRACTION_DIR = re.compile(r"p(\d+(?:\.\d+)?)")
 SEED_DIR = re.compile(r"seed(\d+)")
 CSV_FIELDS = ("group", "metric", "scheme", "speech_fraction", "runs", "mean", "ci95", "dagger", "cell",
@@ -121,6 +125,8 @@ def find_runs(grid: str | Path) -> tuple[dict[Cell, list[tuple[str, Path]]], lis
     # text-only and oracle take no speech, so their absence at positive fractions is expected.
     fractions = sorted({f for _, f in runs})
     for scheme in SCHEMES:
+        if scheme in VARIANT_SCHEMES and not any(s == scheme for s, _ in runs):
+            continue  # optional rows: a grid without them is complete
         if not any(s == scheme for s, _ in runs):
             warnings.append(f"{grid / scheme}: no runs, row left out")
         if scheme in (REFERENCE, "oracle") or not any(s == scheme for s, _ in runs):

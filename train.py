@@ -49,6 +49,12 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent
 SCHEMES = ("text-only", "direct", "curriculum")
+# The seeds' other methods as grid rows next to direct and curriculum (grid.py --schemes, report.py): the run
+# SCHEME+VARIANT is train.py --scheme SCHEME plus these flags.
+VARIANTS = {"distill": ("--distill-weight", "1"),
+            "distill-frozen": ("--distill-weight", "1", "--distill-teacher", "frozen"),
+            "gap": ("--subset-selection", "gap")}
+VARIANT_SCHEMES = tuple(f"{scheme}+{variant}" for scheme in ("direct", "curriculum") for variant in VARIANTS)
 # Frozen parameters (no gradient, no optimizer state, no weight decay), as paths into the parameter tree.
 # The audio tower's sinusoidal position table: transformers keeps it out of training (requires_grad_(False)).
 ALWAYS_FROZEN = (("audio_tower", "embed_positions"),)
@@ -855,11 +861,24 @@ def _global_max(*values: int) -> tuple[int, ...]:
 
 def answer_logits(params, config, mb: dict, dtype, remat_policy: str, prefix: str = ""):
     """fp32 logits [b, A, V] of one micro-batch at the positions whose next token is an answer token (answer_index);
-    prefix "teacher_" reads the transcript inputs collate_teacher adds (no audio)."""
-    from model.qwen2_audio import forward
-    audio = (None, None) if prefix else (mb.get("input_features"), mb.get("feature_lengths"))
-    return forward(params, config, mb[prefix + "input_ids"], mb[prefix + "attention_mask"], *audio, dtype=dtype,
-                   remat_policy=remat_policy, logits_at=mb[prefix + "answer_index"])
+    prefix "teacher_" reads the transcript inputs collate_teacher adds (no audio).
+
+    In a step with recordings every micro-batch carries features, but some hold transcripts only (all feature
+    lengths 0): a lax.cond runs the audio tower only where a row has audio, and gives zeros otherwise, which no
+    <|AUDIO|> token reads. Loss and gradients are those of running it everywhere (tests/test_train.py)."""
+    import jax
+    import jax.numpy as jnp
+    from model.qwen2_audio import encode_audio, forward
+    ids, mask, at = mb[prefix + "input_ids"], mb[prefix + "attention_mask"], mb[prefix + "answer_index"]
+    if prefix or "input_features" not in mb:
+        return forward(params, config, ids, mask, dtype=dtype, remat_policy=remat_policy, logits_at=at)
+    encode = lambda p: encode_audio(p, config, mb["input_features"], mb["feature_lengths"], dtype=dtype,
+                                    remat_policy=remat_policy)
+    shape = jax.eval_shape(encode, params)
+    audio = jax.lax.cond(jnp.any(mb["feature_lengths"] > 0), encode,
+                         lambda p: jnp.zeros(shape.shape, shape.dtype), params)
+    return forward(params, config, ids, mask, dtype=dtype, remat_policy=remat_policy, logits_at=at,
+                   audio_embeds=audio)
 
 
 def answer_nll(logits, mb: dict):

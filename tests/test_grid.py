@@ -103,7 +103,24 @@ def test_dry_run_without_oracle_or_text_only_has_neither(capsys, tmp_path):
     assert len(cmds) == 3
 
 
+def test_variant_rows_run_their_scheme_with_the_variant_flags_in_their_own_cells(capsys, tmp_path):
+    cmds = _dry_run(capsys, "--corpus-dir", "c", "--grid", str(tmp_path / "g"), "--fractions", "0.1", "--seeds", "2",
+                    "--schemes", "curriculum+gap", "curriculum", "direct+distill-frozen")
+    trains = {Path(_flag(c, "--run-dir")).parents[2].name: c for c in cmds if _script(c) == "train.py"}
+    assert list(trains) == ["curriculum", "direct+distill-frozen", "curriculum+gap"]  # the report's row order
+    assert _flag(trains["curriculum+gap"], "--scheme") == "curriculum"
+    assert _flag(trains["curriculum+gap"], "--subset-selection") == "gap"
+    assert _flag(trains["curriculum+gap"], "--gap-speech") == str(Path("c") / "synth" / "synthetic.jsonl")
+    assert _flag(trains["direct+distill-frozen"], "--scheme") == "direct"
+    assert _flag(trains["direct+distill-frozen"], "--distill-weight") == "1"
+    assert _flag(trains["direct+distill-frozen"], "--distill-teacher") == "frozen"
+    assert "--distill-weight" not in trains["curriculum"] and "--subset-selection" not in trains["curriculum"]
+    assert _flag(trains["curriculum+gap"], "--subset-seed") == "2"
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--setting", "few-shot-T+S", "--source-dir", "s", "--target-dirs", "t", "--schemes", "curriculum+gap"],
+     "gap selection in a grid is for a monolingual"),
     (["--corpus-dir", "c", "--", "--seed", "4"], "--seed after `--`"),
     (["--corpus-dir", "c", "--", "--train_manifest=x"], "--train-manifest after `--`"),
     (["--corpus-dir", "c", "--", "--dry-run"], "--dry-run after `--`: grid.py's own flag(s)"),

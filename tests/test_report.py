@@ -191,6 +191,20 @@ def test_default_dagger_skips_a_pair_that_overlaps_even_when_one_is_apart_from_t
     assert not table[("all", "intent", "curriculum", "10%")].endswith("†")
 
 
+def test_a_variant_row_follows_the_schemes_and_is_daggered_against_its_own_scheme_only(tmp_path):
+    spec = {("text-only", "p0"): [10, 11, 12], ("direct", "p0.1"): [30, 31, 32], ("curriculum", "p0.1"): [10, 11, 12],
+            ("curriculum+distill", "p0.1"): [20, 21, 22], ("oracle", "p0"): [39, 39, 40]}
+    root = _write_grid(tmp_path, spec)
+    assert report.main(["--grid", str(root / "slurp"), "--gold", str(root / "test.jsonl"), "--out",
+                        str(root / "out"), "--metric", "intent_acc"]) == 0
+    table = parse_markdown((root / "out" / "table.md").read_text(encoding="utf-8"))
+    # far above curriculum (its scheme), far below direct: the dagger says it beats what it modifies
+    assert _marked(table) == {("direct", "10%"), ("curriculum+distill", "10%")}
+    rows = [scheme for (_, m, scheme, column) in table if m == "intent" and column in ("0%", "10%")]
+    order = list(dict.fromkeys(rows))
+    assert order == ["text-only", "direct", "curriculum", "curriculum+distill", "oracle"]
+
+
 def test_default_dagger_never_marks_text_only_or_the_oracle(dagger_tables):
     assert _apart_above(_dagger_values("oracle", "p0"), _dagger_values("text-only", "p0"))
     table = dagger_tables["other-method"]
