@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import soundfile as sf
@@ -166,6 +167,54 @@ def test_log_mel_features_rejects_stereo_empty_and_nan_waveforms(speech):
         P.log_mel_features(np.zeros(0, np.float32))
     with pytest.raises(ValueError, match="NaN"):
         P.log_mel_features(np.full(1600, np.nan, np.float32))
+
+
+LOG_MEL_JNP = jax.jit(P.log_mel_jnp, static_argnums=2)
+
+
+def padded_batch(waves, extra=0, junk=False):
+    """[B, S] float32 rows (S = the longest clip + extra) and their lengths; past each clip zeros, or with junk=True
+    loud noise, which log_mel_jnp must ignore just the same."""
+    n = np.array([len(w) for w in waves], np.int32)
+    fill = np.random.default_rng(0).uniform(-1, 1, (len(waves), n.max() + extra)) if junk else 0
+    batch = np.zeros((len(waves), n.max() + extra), np.float32) + fill
+    for row, w in zip(batch, waves):
+        row[: len(w)] = w
+    return batch.astype(np.float32), n
+
+
+@pytest.mark.parametrize("n_frames_out, lengths", [
+    (400, [P.MIN_AUDIO_SAMPLES, 8001, 43651, 52345, 399 * P.HOP_LENGTH + 1]),
+    (3000, [P.MIN_AUDIO_SAMPLES, 43651, 479_999, 480_001, 500_001]),
+], ids=["4s_bucket_clips_ending_anywhere_up_to_its_last_frame", "30s_bucket_with_clips_at_and_past_the_30s_cut"])
+def test_log_mel_jnp_equals_log_mel_features_and_whisper_feature_extractor_row_by_row(speech, n_frames_out, lengths):
+    # odd lengths, the loudest 25 ms at each clip's end (speech_clip): the frames at the clip's end (and at the
+    # 30 s cut, where the reference's reflection mirrors the clip instead of zeros) are where framing would differ
+    waves = [speech_clip(speech, n) for n in lengths]
+    batch, n = padded_batch(waves)
+    out = np.asarray(LOG_MEL_JNP(batch, n, n_frames_out))
+    assert out.shape == (len(waves), P.N_MELS, n_frames_out) and out.dtype == np.float32
+    for row, wave in zip(out, waves):
+        ours, n_frames = P.log_mel_features(wave, out_frames=n_frames_out)
+        np.testing.assert_allclose(row, ours, atol=1e-4, rtol=0)
+        ref, ref_frames = reference_features(wave)
+        assert ref_frames == n_frames
+        np.testing.assert_allclose(row[:, :n_frames], ref[:, :n_frames], atol=1e-4, rtol=0)
+
+
+def test_log_mel_jnp_row_does_not_depend_on_its_batch_neighbours_or_the_padding(speech):
+    # a quiet clip next to a loud one: each row's log floor (max - 8) must come from its own frames only; and
+    # neither the buffer length S (shorter than the STFT buffer, or longer) nor what lies past a clip may matter
+    quiet, loud, short = 0.02 * speech_clip(speech, 30001), speech_clip(speech, 52345), speech[:P.MIN_AUDIO_SAMPLES]
+    loud[-80:] = 0.9 * np.sin(np.arange(80) * 2.5)
+    alone = {i: np.asarray(LOG_MEL_JNP(w[None], np.array([len(w)], np.int32), 400))[0]
+             for i, w in enumerate([quiet, loud, short])}
+    for order, extra, junk in [([0, 1, 2], 0, False), ([2, 1, 0], 70_000, True), ([1, 0], 3, True)]:
+        batch, n = padded_batch([[quiet, loud, short][i] for i in order], extra, junk)
+        out = np.asarray(LOG_MEL_JNP(batch, n, 400))
+        for row, i in zip(out, order):
+            np.testing.assert_allclose(row, alone[i], atol=1e-6, rtol=0)
+    assert alone[0].min() < alone[1].min() - 0.5  # the two floors differ: a batch-wide max would show above
 
 
 def test_load_audio_errors_name_the_missing_or_unreadable_file(tmp_path):
