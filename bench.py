@@ -5,6 +5,7 @@
     python bench.py step             # one SLU optimizer step on a real batch of the demo (direct mixing, 16 rows)
     python bench.py decode --limit 16   # beam-3 decoding of the demo test set's recordings
     python bench.py shapes           # step shapes (= compilations) and padding on SLURP-like lengths, no model
+    python bench.py pipeline         # host ms per recording (one core), host vs device features; 7b step appetite
 
 lm: forward over a text batch, token cross-entropy on every position, backward, AdamW update (fp32 master
 weights); "tokens" are batch * seq_len per step. Each implementation runs in its own subprocess so that its peak
@@ -31,6 +32,10 @@ shapes: the train-step shapes a run compiles and its padded share, for train.py'
 (64-token, 1 s), on lengths drawn like SLURP's (the real devel + test annotations of ../shared/data/slurp: prompt +
 answer tokens as train.py builds them, each recording's duration from its transcript at 0.6 s + 0.38 s per
 word), for each scheme at a few fractions and global batches. Needs no model and no audio.
+pipeline: train.py's host work per speech row (decode, features, tokens: make_example) on one core (BLAS pinned to
+one thread), with the log-mel on the host (--audio-features host) and without it (device: the step computes it);
+the jitted log_mel_jnp's rows/s on this machine's device; and the speech rows/s the 7b step would consume on 8
+H100s at --mfu (an estimate from model FLOPs: PIPELINE_7B), so the cores a host needs to keep up.
 Both step and decode run float32 on the CPU (the reference's dtype). The JSON says where the time goes: host loading (audio
 decoding, features, tokens) vs the device step, and for our step a breakdown into encoder, language model and
 optimizer. A disagreement (other rows, answer tokens, loss or decoded ids) exits with status 1 after the JSON.
@@ -754,13 +759,109 @@ def decode_shapes(slurp_dir: str, batch_sizes: tuple[int, ...] = (8, 16, 32)) ->
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# pipeline: host work per recording (per core) vs what a step consumes
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PipelineArgs:
+    """Host work per speech row (one core), host vs device features, and the rows/s a 7b step on 8 H100s needs."""
+    manifest: str = "data/demo/train.jsonl"
+    rows: int = 64
+    """Speech rows of the manifest timed (the first ones)."""
+    batch: int = 16
+    """Rows per call of the jitted device log-mel (log_mel_jnp), at the 4 s audio bucket."""
+    mfu: float = 0.5
+    """The 7b step's assumed model-FLOPs utilisation (MaxText's Llama2-7B on H100: ~50%)."""
+    worker: bool = False
+    """Internal: the single-threaded host measurement, in a subprocess."""
+
+
+# The 7b step whose appetite the host must meet: the paper's 128 rows per optimizer step on 8 H100s, rows of a
+# few seconds of audio (a 4 s bucket: 100 audio tokens) and ~250 decoder tokens.
+PIPELINE_7B = {"rows": 128, "gpus": 8, "gpu": "H100", "decoder_tokens_per_row": 250, "audio_frames_per_row": 400}
+
+
+def host_per_row(args: PipelineArgs) -> dict:
+    """ms per speech row of train.py's make_example (decode + features + tokens) with host and device features."""
+    import train
+    from model import processor as P
+    from model.manifest import read_manifest
+    rows = [r for r in read_manifest(train.find_path(args.manifest)) if r["audio"] is not None][:args.rows]
+    if not rows:
+        raise InputError(f"{args.manifest}: no speech rows")
+    tok = P.load_tokenizer()
+    train.make_example(rows[0], tok)  # warm caches (mel filters, tokenizer)
+    out, seconds = {}, sum(P.load_audio(r["audio"]).size for r in rows) / P.SAMPLE_RATE
+    for name, work in (("decode", lambda r: P.load_audio(r["audio"])),
+                       ("host_features", lambda r: train.make_example(r, tok)),
+                       ("device_features", lambda r: train.make_example(r, tok, device_features=True))):
+        t0 = time.perf_counter()
+        for r in rows:
+            work(r)
+        out[name] = round((time.perf_counter() - t0) / len(rows) * 1e3, 3)
+    return {"rows": len(rows), "mean_clip_s": round(seconds / len(rows), 2), "ms_per_row": out}
+
+
+def device_log_mel_rate(args: PipelineArgs) -> dict:
+    """rows/s of the jitted log_mel_jnp on this machine's default device, at the 4 s bucket."""
+    import jax
+    from model import processor as P
+    frames = P.AUDIO_BUCKETS[0]
+    waves = np.random.default_rng(0).normal(0, 0.1, (args.batch, frames * P.HOP_LENGTH)).astype(np.float32)
+    fn = jax.jit(P.log_mel_jnp, static_argnums=2)
+    lengths = np.full(args.batch, frames * P.HOP_LENGTH - 100, np.int32)
+    jax.block_until_ready(fn(waves, lengths, frames))
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(waves, lengths, frames))
+        times.append(time.perf_counter() - t0)
+    ms = float(np.median(times)) * 1e3
+    return {"backend": jax.default_backend(), "batch": args.batch, "frames": frames, "ms_per_batch": round(ms, 2),
+            "rows_per_s": round(args.batch / ms * 1e3, 1)}
+
+
+def step_appetite_7b(mfu: float) -> dict:
+    """Speech rows/s the 7b step consumes at `mfu` on PIPELINE_7B's hardware: an estimate from model FLOPs."""
+    from model.config import PRESETS
+    config, w = PRESETS["7b"], PIPELINE_7B
+    a = config.audio
+    encoder_params = a.encoder_layers * (4 * a.d_model ** 2 + 2 * a.d_model * a.encoder_ffn_dim)
+    flops_row = (w["decoder_tokens_per_row"] * model_flops_per_token(config, w["decoder_tokens_per_row"])
+                 + 6 * encoder_params * w["audio_frames_per_row"] // 2)  # the encoder runs at 50 positions/s
+    step_s = w["rows"] * flops_row / (w["gpus"] * PEAK_BF16_FLOPS[w["gpu"]] * mfu)
+    return {**w, "mfu": mfu, "model_flops_per_row": float(flops_row), "step_s": round(step_s, 3),
+            "rows_per_s": round(w["rows"] / step_s, 1)}
+
+
+def pipeline_bench(args: PipelineArgs) -> dict:
+    if args.worker:
+        return host_per_row(args)
+    # one core: BLAS and OpenMP pools (the float64 mel product) pinned to one thread, in a fresh process
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "bench.py"), "pipeline", "--worker", "--manifest", args.manifest,
+           "--rows", str(args.rows)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    if done.returncode:
+        raise RuntimeError(f"the host measurement failed:\n{done.stderr[-2000:]}")
+    host = json.loads(done.stdout.strip().splitlines()[-1])
+    per_core = {k: round(1e3 / v, 1) for k, v in host["ms_per_row"].items() if k != "decode"}
+    appetite = step_appetite_7b(args.mfu)
+    return {"host": host, "host_rows_per_s_per_core": per_core, "device_log_mel": device_log_mel_rate(args),
+            "step_7b": appetite,
+            "cores_needed_7b": {k: round(appetite["rows_per_s"] / v, 2) for k, v in per_core.items()}}
+
+
 Command = Union[Annotated[LMArgs, tyro.conf.subcommand("lm")], Annotated[StepArgs, tyro.conf.subcommand("step")],
                 Annotated[DecodeArgs, tyro.conf.subcommand("decode")],
-                Annotated[ShapesArgs, tyro.conf.subcommand("shapes")]]
+                Annotated[ShapesArgs, tyro.conf.subcommand("shapes")],
+                Annotated[PipelineArgs, tyro.conf.subcommand("pipeline")]]
 
 
 def main(args) -> dict:
-    run = {LMArgs: lm_bench, StepArgs: step_bench, DecodeArgs: decode_bench, ShapesArgs: shapes_bench}[type(args)]
+    run = {LMArgs: lm_bench, StepArgs: step_bench, DecodeArgs: decode_bench, ShapesArgs: shapes_bench,
+           PipelineArgs: pipeline_bench}[type(args)]
     report = run(args)
     print(json.dumps(report, indent=None if getattr(args, "worker", None) else 2))
     return report

@@ -32,6 +32,7 @@ per token.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -142,6 +143,10 @@ class Args:
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Compute dtype; master parameters and optimizer state are always float32. auto: bfloat16 (the paper) on
     GPU/TPU, float32 on CPU, where XLA emulates bf16 matmuls slowly."""
+    audio_features: Literal["auto", "host", "device"] = "auto"
+    """Where the log-mel features of the recordings are computed. host: on the CPU while loading (float64, the
+    reference). device: inside the jitted step from 16 kHz waveforms (model/processor.py log_mel_jnp, equal to 1e-4),
+    so the host only decodes audio. auto: device on GPU/TPU, host on a CPU (where both spend the same cores)."""
     remat: Literal["none", "full", "dots"] = "none"
     """Rematerialise each decoder/encoder layer in the backward pass ('full' saves the most memory)."""
     compilation_cache: str = "auto"
@@ -698,8 +703,9 @@ def gap_rankings(args: Args, sources: list[Source], manifests: list[list[dict]])
 class Example:
     ids: list[int]                 # prompt + answer + <|im_end|>
     n_prompt: int                  # the first n_prompt tokens carry no loss
-    features: np.ndarray | None    # [128, T_bucket] log-mel (speech rows)
+    features: np.ndarray | None    # [128, T_bucket] log-mel (speech rows; host features)
     n_frames: int                  # valid mel frames (0 for a transcript row)
+    waveform: np.ndarray | None = None  # the 16 kHz clip, cut to 30 s, instead of features (device features)
 
 
 def encode_text(tok, text: str) -> list[int]:
@@ -707,20 +713,33 @@ def encode_text(tok, text: str) -> list[int]:
     return list(getattr(enc, "ids", enc))  # tokenizers.Tokenizer gives an Encoding, transformers a list
 
 
-def make_example(row: dict, tok) -> Example:
-    """A speech row puts its audio in the user turn, a transcript row its text; the instruction is the same."""
+@functools.lru_cache(maxsize=256)
+def audio_prompt_ids(tok, n_audio_tokens: int) -> tuple[int, ...]:
+    """The prompt of a recording row: the same text for every clip but its <|AUDIO|> count (tokenizing it is most
+    of a row's host time once the features are computed on the device: bench.py pipeline)."""
+    from model import processor as P
+    return tuple(P.encode_prompt(tok, P.build_prompt(None, audio=True), n_audio_tokens=n_audio_tokens))
+
+
+def make_example(row: dict, tok, device_features: bool = False) -> Example:
+    """A speech row puts its audio in the user turn, a transcript row its text; the instruction is the same.
+    device_features: keep the decoded clip for the step to compute its features (--audio-features device)."""
     from model.answer import render_answer
     from model import processor as P
     answer = render_answer(row["scenario"], row["action"], row["entities"])
+    features, waveform, n_frames = None, None, 0
     if row["audio"] is not None:
-        features, n_frames = P.log_mel_features(P.load_audio(row["audio"]))
-        prompt_ids = P.encode_prompt(tok, P.build_prompt(None, audio=True), n_audio_tokens=P.num_audio_tokens(n_frames))
+        if device_features:
+            waveform = P.load_audio(row["audio"])[:P.CHUNK_SAMPLES]
+            n_frames = P.num_frames(waveform.size)
+        else:
+            features, n_frames = P.log_mel_features(P.load_audio(row["audio"]))
+        prompt_ids = audio_prompt_ids(tok, int(P.num_audio_tokens(n_frames)))
     else:
-        features, n_frames = None, 0
         prompt_ids = P.encode_prompt(tok, P.build_prompt(row["text"], audio=False))
     # <|im_end|> closes the assistant turn; it is trained, so the model learns to stop
     return Example(list(prompt_ids) + encode_text(tok, answer) + [P.token_id(tok, P.IM_END)], len(prompt_ids),
-                   features, int(n_frames))
+                   features, int(n_frames), waveform)
 
 
 def collate(examples: list[Example | None], seq_len: int, n_frames_max: int | None,
@@ -729,16 +748,24 @@ def collate(examples: list[Example | None], seq_len: int, n_frames_max: int | No
 
     targets[t] = ids[t+1] and loss_mask[t] = 1 where that next token is part of the answer (or its <|im_end|>),
     so the loss is on the assistant's answer only. answer_index [b, answer_len] lists those positions (padded
-    with 0, where loss_mask is always 0): the model computes logits only there. Transcript rows in a batch with speech get all-zero features
-    and feature_lengths 0 (the encoder masks them out entirely)."""
+    with 0, where loss_mask is always 0): the model computes logits only there. Transcript rows in a batch with
+    speech get all-zero features and feature_lengths 0 (the encoder masks them out entirely). Examples that carry
+    waveforms (device features) give input_waveforms [b, n_frames_max * HOP] and n_samples [b] instead of
+    input_features; the step computes the features from them."""
+    from model.processor import HOP_LENGTH
     b = len(examples)  # pad_id fills padded positions, masked out of attention and loss (any id would do)
     out = {"input_ids": np.full((b, seq_len), pad_id, np.int32), "attention_mask": np.zeros((b, seq_len), np.int32),
            "targets": np.full((b, seq_len), pad_id, np.int32), "loss_mask": np.zeros((b, seq_len), np.float32)}
     if answer_len is None:
         answer_len = max([len(ex.ids) - ex.n_prompt for ex in examples if ex is not None] + [1])
     out["answer_index"] = np.zeros((b, answer_len), np.int32)
+    waves = any(ex is not None and ex.waveform is not None for ex in examples)
     if n_frames_max is not None:
-        out["input_features"] = np.zeros((b, 128, n_frames_max), np.float32)
+        if waves:
+            out["input_waveforms"] = np.zeros((b, n_frames_max * HOP_LENGTH), np.float32)
+            out["n_samples"] = np.zeros((b,), np.int32)
+        else:
+            out["input_features"] = np.zeros((b, 128, n_frames_max), np.float32)
         out["feature_lengths"] = np.zeros((b,), np.int32)
     for i, ex in enumerate(examples):
         if ex is None:
@@ -752,6 +779,10 @@ def collate(examples: list[Example | None], seq_len: int, n_frames_max: int | No
         out["answer_index"][i, :n - ex.n_prompt] = np.arange(ex.n_prompt - 1, n - 1)
         if ex.features is not None:
             out["input_features"][i, :, :ex.features.shape[1]] = ex.features
+        elif ex.waveform is not None:
+            out["input_waveforms"][i, :ex.waveform.size] = ex.waveform
+            out["n_samples"][i] = ex.waveform.size
+        if n_frames_max is not None:
             out["feature_lengths"][i] = ex.n_frames
     return out
 
@@ -799,13 +830,14 @@ class StepLoader:
     `shapes` collects the step shapes loaded; `padding` the real and padded token positions."""
 
     def __init__(self, plan: Plan, rows: list[dict[str, dict]], tok, grad_accum: int, micro_batch: int,
-                 local_rows: slice, distill: bool = False):
+                 local_rows: slice, distill: bool = False, device_features: bool = False):
         from model import processor as P
         from model.answer import render_answer
         from model.processor import round_up
         self.plan, self.rows, self.tok = plan, rows, tok
         self.grad_accum, self.micro_batch, self.local = grad_accum, micro_batch, local_rows
         self.distill = distill  # steps with recordings also carry their transcripts (collate_teacher)
+        self.device_features = device_features  # recordings as waveforms, featurised in the step
         self.pad_id = P.special_ids(tok).pad
         # one answer length for the whole run (logits are computed only there, so its padding is cheap)
         used = {k for keys in plan.epoch_keys for k in keys}
@@ -819,16 +851,17 @@ class StepLoader:
         return len(keys) - n_speech, n_speech
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
+        from model.processor import bucket_frames
         keys = self.plan.step_keys(step)
         keys = keys + [None] * (self.grad_accum * self.micro_batch - len(keys))
         micro = [keys[a * self.micro_batch:(a + 1) * self.micro_batch][self.local] for a in range(self.grad_accum)]
-        examples = [[None if k is None else make_example(self.rows[k[0]][k[1]], self.tok) for k in mb]
-                    for mb in micro]
+        examples = [[None if k is None else make_example(self.rows[k[0]][k[1]], self.tok, self.device_features)
+                     for k in mb] for mb in micro]
         flat = [ex for mb in examples for ex in mb if ex is not None]
         longest = max([len(ex.ids) for ex in flat] + [1])
-        frames = max([ex.features.shape[1] for ex in flat if ex.features is not None] + [0])
+        frames = max([bucket_frames(ex.n_frames) for ex in flat if ex.n_frames] + [0])
         any_speech = any(self.rows[k[0]][k[1]]["audio"] is not None for k in keys if k is not None)
-        teachers = [[None if ex is None or ex.features is None else self.teacher_example(k) for k, ex in zip(ks, mb)]
+        teachers = [[None if ex is None or not ex.n_frames else self.teacher_example(k) for k, ex in zip(ks, mb)]
                     for ks, mb in zip(micro, examples)] if self.distill and any_speech else None
         teacher_longest = max([len(t.ids) for mb in teachers or [] for t in mb if t is not None] + [1])
         longest, frames, teacher_longest = _global_max(longest, frames, teacher_longest)
@@ -846,6 +879,19 @@ class StepLoader:
         return make_example({**self.rows[key[0]][key[1]], "audio": None}, self.tok)
 
 
+def device_features(args: Args, backend: str) -> bool:
+    """--audio-features resolved: compute the log-mel in the step (True) or on the host."""
+    return args.audio_features == "device" or (args.audio_features == "auto" and backend != "cpu")
+
+
+def step_frames(batch: dict) -> int | None:
+    """The mel frames a step's arrays are padded to (None: a step without recordings)."""
+    from model.processor import HOP_LENGTH
+    if "input_features" in batch:
+        return batch["input_features"].shape[-1]
+    return batch["input_waveforms"].shape[-1] // HOP_LENGTH if "input_waveforms" in batch else None
+
+
 def _global_max(*values: int) -> tuple[int, ...]:
     import jax
     if jax.process_count() == 1:
@@ -861,24 +907,15 @@ def _global_max(*values: int) -> tuple[int, ...]:
 
 def answer_logits(params, config, mb: dict, dtype, remat_policy: str, prefix: str = ""):
     """fp32 logits [b, A, V] of one micro-batch at the positions whose next token is an answer token (answer_index);
-    prefix "teacher_" reads the transcript inputs collate_teacher adds (no audio).
-
-    In a step with recordings every micro-batch carries features, but some hold transcripts only (all feature
-    lengths 0): a lax.cond runs the audio tower only where a row has audio, and gives zeros otherwise, which no
-    <|AUDIO|> token reads. Loss and gradients are those of running it everywhere (tests/test_train.py)."""
-    import jax
-    import jax.numpy as jnp
-    from model.qwen2_audio import encode_audio, forward
-    ids, mask, at = mb[prefix + "input_ids"], mb[prefix + "attention_mask"], mb[prefix + "answer_index"]
-    if prefix or "input_features" not in mb:
-        return forward(params, config, ids, mask, dtype=dtype, remat_policy=remat_policy, logits_at=at)
-    encode = lambda p: encode_audio(p, config, mb["input_features"], mb["feature_lengths"], dtype=dtype,
-                                    remat_policy=remat_policy)
-    shape = jax.eval_shape(encode, params)
-    audio = jax.lax.cond(jnp.any(mb["feature_lengths"] > 0), encode,
-                         lambda p: jnp.zeros(shape.shape, shape.dtype), params)
-    return forward(params, config, ids, mask, dtype=dtype, remat_policy=remat_policy, logits_at=at,
-                   audio_embeds=audio)
+    prefix "teacher_" reads the transcript inputs collate_teacher adds (no audio). With device features the host
+    sent waveforms: their log-mel is computed here (log_mel_jnp), then the model runs as on host features."""
+    from model.processor import HOP_LENGTH, log_mel_jnp
+    from model.qwen2_audio import forward
+    features, lengths = (None, None) if prefix else (mb.get("input_features"), mb.get("feature_lengths"))
+    if not prefix and "input_waveforms" in mb:
+        features = log_mel_jnp(mb["input_waveforms"], mb["n_samples"], mb["input_waveforms"].shape[-1] // HOP_LENGTH)
+    return forward(params, config, mb[prefix + "input_ids"], mb[prefix + "attention_mask"], features, lengths,
+                   dtype=dtype, remat_policy=remat_policy, logits_at=mb[prefix + "answer_index"])
 
 
 def answer_nll(logits, mb: dict):
@@ -1228,7 +1265,10 @@ def result_settings(args: Args, plan: Plan, dtype: str) -> dict:
     """Every setting that changes what the run computes; a resumed run must have the same ones."""
     peak, last = resolve_lr(args)
     settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in RESUMABLE}
+    import jax
+    on_device = device_features(args, jax.default_backend())
     settings.update(model=os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
+                    audio_features="device" if on_device else "host",
                     peak_lr=peak, last_epoch_peak_lr=last, compute_dtype=dtype, global_batch=plan.global_batch,
                     plan_fingerprint=plan.fingerprint())
     return json.loads(json.dumps(settings))  # tuples -> lists: the form the checkpoint stores
@@ -1241,7 +1281,14 @@ def setting_name(key: str) -> str:
     return derived.get(key, "--" + key.replace("_", "-"))
 
 
+# Settings added after runs were made, at the value that computes what those runs computed: a run that did not
+# record one had that value (so it still resumes and counts as finished).
+LATER_SETTINGS = {"distill_weight": 0.0, "distill_teacher": "self", "distill_temperature": 1.0,
+                  "subset_selection": "random", "gap_speech": [], "gap_reference": None, "audio_features": "host"}
+
+
 def refuse_other_settings(what: str, old: dict, new: dict) -> None:
+    old = {**{k: v for k, v in LATER_SETTINGS.items() if k in new}, **old}
     diff = [f"{setting_name(k)} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k)]
     if diff:
@@ -1407,7 +1454,8 @@ def train(args: Args) -> dict:
 
     # --- the loop, phase by phase ----------------------------------------------------------------------------------
     loader = StepLoader(plan, [{r["id"]: r for r in rows} for rows in manifests], tok, m.grad_accum, m.micro_batch,
-                        local_batch_rows(m.batch_sh, (m.grad_accum, m.micro_batch)), distill=bool(args.distill_weight))
+                        local_batch_rows(m.batch_sh, (m.grad_accum, m.micro_batch)), distill=bool(args.distill_weight),
+                        device_features=device_features(args, jax.default_backend()))
     context = dict(args=args, plan=plan, run=run, m=m, config=config, dtype=dtype, loader=loader,
                    evaluator=evaluator, settings=settings, history=history, log=log, teacher=teacher)
     t_start, ran, opt_size = time.time(), [], 0
@@ -1565,7 +1613,7 @@ def train_phase(k: int, phase: Phase, params: dict, opt_leaves: list | None, fir
             n_text, n_speech = loader.counts(step)
             seconds = time.time() - t0
             seq_len = host_batch["input_ids"].shape[-1]
-            frames = host_batch["input_features"].shape[-1] if "input_features" in host_batch else None
+            frames = step_frames(host_batch)
             positions = m.grad_accum * m.micro_batch * seq_len
             row = {"step": step + 1, "epoch": epoch + 1, "phase": k + 1, "loss": metrics["loss"],
                    "lr": float(phase.schedule(step - phase.start)), "n_text": n_text, "n_speech": n_speech,
@@ -1682,9 +1730,14 @@ def aot_train(args: Args) -> int:
     spec = {"input_ids": (seq_len, jnp.int32), "attention_mask": (seq_len, jnp.int32), "targets": (seq_len, jnp.int32),
             "loss_mask": (seq_len, jnp.float32), "answer_index": (answer_len, jnp.int32)}
     batch = {k: jax.ShapeDtypeStruct(rows + (n,), t, sharding=m.batch_sh) for k, (n, t) in spec.items()}
-    if frames is not None:
+    if frames is not None and device_features(args, "tpu"):  # waveforms in, the log-mel computed in the step
+        batch["input_waveforms"] = jax.ShapeDtypeStruct(rows + (frames * P.HOP_LENGTH,), jnp.float32,
+                                                        sharding=m.batch_sh)
+        batch["n_samples"] = jax.ShapeDtypeStruct(rows, jnp.int32, sharding=m.batch_sh)
+    elif frames is not None:
         batch["input_features"] = jax.ShapeDtypeStruct(rows + (config.audio.num_mel_bins, frames), jnp.float32,
                                                        sharding=m.batch_sh)
+    if frames is not None:
         batch["feature_lengths"] = jax.ShapeDtypeStruct(rows, jnp.int32, sharding=m.batch_sh)
     teacher = {}  # distillation: the transcripts (at most the step's length) and, for 'frozen', the teacher's copy
     if args.distill_weight and frames is not None:

@@ -318,12 +318,8 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, input_features=None, feature_lengths=None, positions=None,
-                 cache=None, logits_at=None, audio_embeds=None):
+                 cache=None, logits_at=None):
         """Returns (logits [B, S, V] float32, updated cache or None).
-
-        audio_embeds [B, T_audio, hidden] (optional): the projected audio outputs (encode_audio), computed by the
-        caller instead of from input_features (the train step skips the audio tower on micro-batches without
-        recordings).
 
         logits_at [B, A] (optional): compute logits only at these positions -> [B, A, V]. Training needs them
         only where an answer token is predicted; with a 156k vocabulary the full [B, S, V] logits would dominate
@@ -339,15 +335,12 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         lm = TextModel(cfg, self.dtype, self.param_dtype, self.remat_policy, name="language_model")
         x = lm.embed(input_ids)
 
-        if input_features is not None or audio_embeds is not None:
-            if audio_embeds is not None:
-                audio = audio_embeds
-            elif feature_lengths is None:
+        if input_features is not None:
+            if feature_lengths is None:
                 raise ValueError("input_features given without feature_lengths (valid mel frames per row)")
-            else:
-                audio = AudioEncoder(cfg, self.dtype, self.param_dtype, self.remat_policy, name="audio_tower")(
-                    input_features, feature_lengths)
-                audio = Projector(cfg, self.dtype, self.param_dtype, name="multi_modal_projector")(audio)
+            audio = AudioEncoder(cfg, self.dtype, self.param_dtype, self.remat_policy, name="audio_tower")(
+                input_features, feature_lengths)
+            audio = Projector(cfg, self.dtype, self.param_dtype, name="multi_modal_projector")(audio)
             # Static-shape scatter: the k-th audio token of a row gathers audio output k of that row.
             is_audio = input_ids == cfg.audio_token_index
             k = jnp.clip(jnp.cumsum(is_audio, axis=1) - 1, 0, audio.shape[1] - 1)
@@ -406,25 +399,14 @@ def abstract_params(config: Qwen2AudioConfig, param_dtype=jnp.float32) -> dict:
 
 
 def forward(params, config: Qwen2AudioConfig, input_ids, attention_mask, input_features=None, feature_lengths=None,
-            positions=None, *, dtype=jnp.float32, remat_policy: str = "none", logits_at=None,
-            audio_embeds=None) -> Array:
+            positions=None, *, dtype=jnp.float32, remat_policy: str = "none", logits_at=None) -> Array:
     """Logits [B, S, V] (float32), or [B, A, V] at the positions `logits_at` [B, A].
-    input_features=None: a text-only batch (the encoder is skipped); audio_embeds: encode_audio's output instead."""
-    if audio_embeds is None:
-        _check_audio_tokens(config, input_ids, input_features, feature_lengths)
+    input_features=None: a text-only batch (the encoder is skipped)."""
+    _check_audio_tokens(config, input_ids, input_features, feature_lengths)
     model = Qwen2AudioForConditionalGeneration(config, dtype=dtype, remat_policy=remat_policy)
     logits, _ = model.apply({"params": params}, input_ids, attention_mask, input_features, feature_lengths,
-                            positions, None, logits_at, audio_embeds)
+                            positions, None, logits_at)
     return logits
-
-
-def encode_audio(params, config: Qwen2AudioConfig, input_features, feature_lengths, *, dtype=jnp.float32,
-                 remat_policy: str = "none") -> Array:
-    """The audio tower and projector alone: [B, n_mels, T] features -> [B, T // 4, hidden], what forward merges at
-    the <|AUDIO|> tokens (forward(..., audio_embeds=encode_audio(...)) is forward(..., input_features, ...))."""
-    audio = AudioEncoder(config, dtype, remat_policy=remat_policy).apply(
-        {"params": params["audio_tower"]}, input_features, feature_lengths)
-    return Projector(config, dtype).apply({"params": params["multi_modal_projector"]}, audio)
 
 
 # KV cache. A plain dict pytree; its batch axis differs per leaf (beam search reorders with jnp.take):

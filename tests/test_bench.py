@@ -79,3 +79,17 @@ def test_bad_flags_exit_2_naming_the_problem_before_any_model_work(tmp_path):
     proc = subprocess.run([sys.executable, "bench.py", "step", "--model", str(tmp_path)], capture_output=True,
                           text=True, cwd=bench.REPO)
     assert proc.returncode == 2 and f"bench.py: error: --model {tmp_path}: no config.json" in proc.stderr
+
+
+def test_pipeline_times_the_same_rows_both_ways_and_states_the_7b_appetite_from_model_flops():
+    report = bench.pipeline_bench(bench.PipelineArgs(rows=3, batch=2))
+    assert report["host"]["rows"] == 3 and set(report["host"]["ms_per_row"]) == {"decode", "host_features",
+                                                                                "device_features"}
+    assert set(report["host_rows_per_s_per_core"]) == {"host_features", "device_features"}
+    assert report["device_log_mel"]["batch"] == 2 and report["device_log_mel"]["rows_per_s"] > 0
+    # the appetite is the stated arithmetic: rows x FLOPs per row / (GPUs x peak x MFU)
+    s = report["step_7b"]
+    want_s = s["rows"] * s["model_flops_per_row"] / (s["gpus"] * bench.PEAK_BF16_FLOPS[s["gpu"]] * s["mfu"])
+    assert s["step_s"] == pytest.approx(want_s, abs=1e-3) and s["rows_per_s"] == pytest.approx(s["rows"] / want_s, rel=1e-2)
+    # 7b decoder: ~6 x 7.6e9 parameters x 250 tokens per row, plus attention and the encoder
+    assert 1.0e13 < s["model_flops_per_row"] < 1.4e13

@@ -365,47 +365,47 @@ def test_padding_to_the_step_shape_buckets_leaves_the_loss_unchanged(setup):
     assert float(losses[1][0]) == pytest.approx(float(losses[0][0]), rel=1e-5)
 
 
-def test_the_audio_tower_skipped_on_a_transcript_only_micro_batch_changes_no_loss_and_no_gradient_beyond_rounding(
-        setup):
-    # A step with recordings gives every micro-batch features; answer_logits runs the tower under a lax.cond only
-    # where a row has audio. Reference: forward with the features, the tower run on every micro-batch. The loss is
-    # bit-identical in both kinds of micro-batch, and so are the gradients of a transcript-only one; with a
-    # recording, the tower's gradients differ in float rounding only (measured: <= 7.5e-8 absolute), because XLA
-    # compiles the tower inside the conditional.
+def test_device_features_from_waveforms_give_the_host_features_loss_and_gradients(setup):
+    # --audio-features device: the host sends the decoded clips, the step computes log_mel_jnp; same rows, same
+    # shapes, the loss and gradients of the float64 host features to float32 rounding.
     import jax.numpy as jnp
     from model.config import get_config
-    from model.qwen2_audio import forward
     _, params = load_hf(setup["model"], dtype=np.float32)
-    config, tok = get_config(str(setup["model"])), P.load_tokenizer()
-    rows = demo_rows(3, 1)
-    examples = [train.make_example(r, tok) for r in rows]
-    seq_len, frames = train.step_shape(max(len(e.ids) for e in examples), examples[-1].features.shape[1])
-    mixed = train.collate(examples[2:], seq_len, frames, 64)       # a transcript and a recording
-    text_only = train.collate(examples[:2], seq_len, frames, 64)  # two transcripts, all-zero features
-    assert mixed["feature_lengths"].any() and not text_only["feature_lengths"].any()
-
-    def everywhere(p, mb):
-        logits = forward(p, config, mb["input_ids"], mb["attention_mask"], mb["input_features"],
-                         mb["feature_lengths"], logits_at=mb["answer_index"])
-        return train.answer_nll(logits, mb)[0]
-
-    def skipping(p, mb):
-        return train.answer_nll(train.answer_logits(p, config, mb, jnp.float32, "none"), mb)[0]
-
-    for mb in (mixed, text_only):
-        mb = {k: jnp.asarray(v) for k, v in mb.items()}
-        want_loss, want_grad = jax.jit(jax.value_and_grad(everywhere))(params, mb)
-        got_loss, got_grad = jax.jit(jax.value_and_grad(skipping))(params, mb)
-        assert float(got_loss) == float(want_loss) > 0
-        want, got = leaves(want_grad), leaves(got_grad)
-        assert want.keys() == got.keys()
+    args = train.parse_args(["--model", str(setup["model"]), "--train-manifest", str(setup["manifest"]),
+                             "--scheme", "direct", "--speech-fraction", "1.0", "--epochs", "1"])
+    sources, manifests = train.load_sources(args)
+    plan = train.build_plan(args, sources, manifests, 8)
+    rows = [{r["id"]: r for r in m} for m in manifests]
+    step = next(s for s in range(plan.total_steps) if train.StepLoader(plan, rows, P.load_tokenizer(), 2, 4,
+                                                                        slice(0, 4)).counts(s)[1])
+    batches = {on: train.StepLoader(plan, rows, P.load_tokenizer(), 2, 4, slice(0, 4), device_features=on)(step)
+               for on in (False, True)}
+    host, device = batches[False], batches[True]
+    assert "input_features" in host and "input_waveforms" not in host
+    assert "input_waveforms" in device and "input_features" not in device
+    assert device["input_waveforms"].shape[-1] == host["input_features"].shape[-1] * P.HOP_LENGTH
+    for k in ("input_ids", "feature_lengths", "answer_index", "loss_mask"):
+        assert np.array_equal(host[k], device[k]), k
+    config = get_config(str(setup["model"]))
+    grad = jax.jit(jax.value_and_grad(lambda p, mb: train.answer_loss(p, config, mb, jnp.float32, "none")[0]))
+    for a in range(2):
+        (lh, gh), (ld, gd) = [grad(params, {k: jnp.asarray(v[a]) for k, v in b.items()}) for b in (host, device)]
+        np.testing.assert_allclose(float(ld), float(lh), rtol=1e-6)
+        want, got = leaves(gh), leaves(gd)
         for k in want:
-            if mb["feature_lengths"].any() and k.startswith("['audio_tower']"):
-                np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=2e-7, err_msg=k)
-            else:
-                assert np.array_equal(want[k], got[k]), k
-        tower = [k for k in want if k.startswith("['audio_tower']['layers']")]
-        assert all(np.any(got[k]) for k in tower) == bool(mb["feature_lengths"].any())
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+def test_device_features_train_on_an_8_device_mesh_with_the_losses_of_host_features(setup, tmp_path):
+    common = ("--scheme", "direct", "--speech-fraction", "1.0", "--epochs", "1", "--per-device-batch", "1",
+              "--grad-accum", "1", "--fsdp", "8", "--max-steps", "2")
+    host = run(setup, tmp_path / "host", *common)
+    device = run(setup, tmp_path / "device", *common, "--audio-features", "device")
+    assert device["n_speech_seen"] > 0 and device["step_shapes"] == host["step_shapes"]
+    np.testing.assert_allclose(device["losses"], host["losses"], rtol=1e-5)
+    settings = [json.loads((tmp_path / d / "config.json").read_text())["settings"]["audio_features"]
+                for d in ("host", "device")]
+    assert settings == ["host", "device"]  # auto is host on this CPU; the resolved value is what a resume checks
 
 
 def test_a_second_run_with_the_same_shapes_compiles_nothing_and_reports_shapes_and_padding(setup, tmp_path):
