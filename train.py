@@ -602,7 +602,7 @@ def gap_order(rows: list[dict], gaps: dict[str, float]) -> list[str]:
     return order
 
 
-def gap_scores(reference: str, pairs: list[tuple[dict, dict]], batch: int = 8) -> dict[str, float]:
+def gap_scores(reference: str, pairs: list[tuple[dict, dict]], dtype: str, batch: int = 8) -> dict[str, float]:
     """{row id: the reference model's mean KL per answer token between its answer given the transcript (the
     target) and given the synthetic recording}, teacher-forced on the row's gold answer: distill_kl at T=1, the
     distillation term of these rows before any training. pairs: (training row, its synthetic row)."""
@@ -611,10 +611,9 @@ def gap_scores(reference: str, pairs: list[tuple[dict, dict]], batch: int = 8) -
     from model import processor as P
     from model.checkpoint import load_hf
     from model.config import get_config
-    from model.sharding import resolve_dtype
     config, tok = get_config(reference), P.load_tokenizer(reference if os.path.isdir(reference) else None)
     _, params = load_hf(reference, dtype=jnp.float32)
-    dtype, pad = jnp.dtype(resolve_dtype("auto")), P.special_ids(tok).pad
+    dtype, pad = jnp.dtype(dtype), P.special_ids(tok).pad
 
     @jax.jit
     def row_kl(params, mb):
@@ -630,7 +629,8 @@ def gap_scores(reference: str, pairs: list[tuple[dict, dict]], batch: int = 8) -
         text = [make_example({**row, "audio": None}, tok) for row, _ in chunk]
         speech += [None] * (batch - len(chunk))
         text += [None] * (batch - len(chunk))
-        seq_len, frames = step_shape(max(len(e.ids) for e in speech if e), max(e.n_frames for e in speech if e))
+        seq_len, frames = step_shape(max(len(e.ids) for e in speech if e),
+                                     max(P.bucket_frames(e.n_frames) for e in speech if e))
         answer_len = max(len(e.ids) - e.n_prompt for e in speech if e)
         mb = collate(speech, seq_len, frames, answer_len, pad)
         mb.update(collate_teacher(text, step_shape(max(len(e.ids) for e in text if e), None)[0], answer_len, pad))
@@ -653,6 +653,7 @@ def gap_rankings(args: Args, sources: list[Source], manifests: list[list[dict]])
     fingerprint of all three (file contents, not names): a changed input makes a new ranking, never reuses one."""
     from model.config import resolve_model
     from model.manifest import atomic_write_text, read_manifest
+    from model.sharding import resolve_dtype
     if len(args.gap_speech) != len(sources):
         raise InputError(f"--subset-selection gap: --gap-speech needs one synthetic-speech manifest per "
                          f"--train-manifest ({len(sources)}), got {len(args.gap_speech)}; make them with `python "
@@ -661,6 +662,7 @@ def gap_rankings(args: Args, sources: list[Source], manifests: list[list[dict]])
     if not os.path.isdir(reference):
         raise InputError(f"--gap-reference {reference}: gap selection needs a trained model directory (the initial "
                          f"--model or a text-only run's RUN_DIR/hf), not a random preset")
+    dtype = resolve_dtype("auto")  # the compute dtype of this backend: part of what the scores are
     model_digest = hashlib.sha256("".join(
         f"{p.name}:{file_digest(p)}\n" for p in sorted(Path(reference).iterdir()) if p.is_file()).encode()).hexdigest()
     rankings, records = [], []
@@ -670,13 +672,14 @@ def gap_rankings(args: Args, sources: list[Source], manifests: list[list[dict]])
         candidates = sorted((r for r in rows if r["audio"] is not None), key=lambda r: r["id"])
         missing = [r["id"] for r in candidates if r["id"] not in synthetic]
         if missing:
-            raise InputError(f"{speech_path}: no synthetic recording for {len(missing)} of the {len(candidates)} speech "
-                             f"rows of {source.path} (first: {', '.join(missing[:3])}); make it from that manifest")
+            raise InputError(f"{speech_path}: no synthetic recording for {len(missing)} of the {len(candidates)} "
+                             f"speech rows of {source.path} (first: {', '.join(missing[:3])}); make it from that "
+                             f"manifest")
         other = [r["id"] for r in candidates if synthetic[r["id"]]["text"] != r["text"]]
         if other:
-            raise InputError(f"{speech_path}: {len(other)} rows speak another text than {source.path}'s row of the same "
-                             f"id (first: {other[0]}); make it from that manifest")
-        blob = json.dumps([GAP_SCORE, model_digest] + [
+            raise InputError(f"{speech_path}: {len(other)} rows speak another text than {source.path}'s row of the "
+                             f"same id (first: {other[0]}); make it from that manifest")
+        blob = json.dumps([GAP_SCORE, dtype, model_digest] + [
             [r["id"], r["text"], r["scenario"], r["action"], r["entities"], file_digest(synthetic[r["id"]]["audio"])]
             for r in candidates], ensure_ascii=False)
         fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -684,7 +687,7 @@ def gap_rankings(args: Args, sources: list[Source], manifests: list[list[dict]])
         if cache.is_file():
             order = json.loads(cache.read_text(encoding="utf-8"))["order"]
         else:
-            gaps = gap_scores(reference, [(r, synthetic[r["id"]]) for r in candidates])
+            gaps = gap_scores(reference, [(r, synthetic[r["id"]]) for r in candidates], dtype)
             order = gap_order(candidates, gaps)
             cache.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cache, json.dumps({"score": GAP_SCORE, "reference": reference, "manifest": source.path,
@@ -692,7 +695,8 @@ def gap_rankings(args: Args, sources: list[Source], manifests: list[list[dict]])
         rankings.append(order)
         records.append({"manifest": source.path, "synthetic": speech_path, "ranking": str(cache),
                         "fingerprint": fingerprint})
-    return rankings, {"method": "gap", "score": GAP_SCORE, "reference": reference, "manifests": records}
+    return rankings, {"method": "gap", "score": GAP_SCORE, "reference": reference, "compute_dtype": dtype,
+                      "manifests": records}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -787,7 +791,8 @@ def collate(examples: list[Example | None], seq_len: int, n_frames_max: int | No
     return out
 
 
-def collate_teacher(teachers: list[Example | None], seq_len: int, answer_len: int, pad_id: int) -> dict[str, np.ndarray]:
+def collate_teacher(teachers: list[Example | None], seq_len: int, answer_len: int,
+                    pad_id: int) -> dict[str, np.ndarray]:
     """The distillation teacher's inputs for one micro-batch: row i is the transcript of student row i when that row
     is a recording (else a padding row). The answer tokens are the same in both, so position j of answer_index and of
     teacher_answer_index hold the same answer token; distill_mask marks the answer tokens of the recording rows."""
