@@ -319,8 +319,12 @@ class Plan:
         }
 
     def fingerprint(self) -> str:
-        """Identifies the data order; a resumed run must have the same one."""
-        blob = json.dumps([self.to_json(), self.epoch_keys], sort_keys=True, default=list)
+        """Identifies the data order; a resumed run must have the same one. A gap ranking counts by its inputs'
+        fingerprint, not by where its files lie (a moved checkout resumes)."""
+        plan = self.to_json()
+        if self.selection:
+            plan["subset_selection"] = [m.get("fingerprint") for m in self.selection["manifests"]]
+        blob = json.dumps([plan, self.epoch_keys], sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def position(self, step: int) -> tuple[int, int]:
@@ -352,7 +356,7 @@ def make_plan(scheme: str, epochs: int, global_batch: int, text_ids: list[list[s
     text_keys, subset_keys, sources = [], [], []
     for m, (texts, speech, fraction) in enumerate(zip(text_ids, speech_ids, fractions)):
         subset = [] if scheme == "text-only" else \
-            speech_subset(speech, fraction, subset_seed, rankings[m] if rankings else None)
+            speech_subset(speech, fraction, subset_seed, rankings[m] if rankings else None)  # a ranking or None
         text_keys += [(m, i) for i in texts]
         subset_keys += [(m, i) for i in subset]
         sources.append({"path": paths[m], "speech_fraction": fraction, "n_text": len(texts),
@@ -612,8 +616,9 @@ def gap_scores(reference: str, pairs: list[tuple[dict, dict]], dtype: str, batch
     from model.checkpoint import load_hf
     from model.config import get_config
     config, tok = get_config(reference), P.load_tokenizer(reference if os.path.isdir(reference) else None)
-    _, params = load_hf(reference, dtype=jnp.float32)
     dtype, pad = jnp.dtype(dtype), P.special_ids(tok).pad
+    # in the compute dtype, on one device: a 7B reference in bfloat16 needs ~17 GB (README)
+    _, params = load_hf(reference, dtype=dtype)
 
     @jax.jit
     def row_kl(params, mb):
@@ -656,8 +661,10 @@ def gap_rankings(args: Args, sources: list[Source], manifests: list[list[dict]])
     from model.sharding import resolve_dtype
     if len(args.gap_speech) != len(sources):
         raise InputError(f"--subset-selection gap: --gap-speech needs one synthetic-speech manifest per "
-                         f"--train-manifest ({len(sources)}), got {len(args.gap_speech)}; make them with `python "
-                         f"prepare.py synth --manifest TRAIN --out DIR` (DIR/synthetic.jsonl)")
+                         f"--train-manifest ({len(sources)}, in the same order; 'none' for a manifest without "
+                         f"recordings or at fraction 0 or 1, where there is nothing to choose), got "
+                         f"{len(args.gap_speech)}; make them with `python prepare.py synth --manifest TRAIN --out DIR` "
+                         f"(DIR/synthetic.jsonl)")
     reference = resolve_model(args.gap_reference or args.model)
     if not os.path.isdir(reference):
         raise InputError(f"--gap-reference {reference}: gap selection needs a trained model directory (the initial "
@@ -667,6 +674,13 @@ def gap_rankings(args: Args, sources: list[Source], manifests: list[list[dict]])
         f"{p.name}:{file_digest(p)}\n" for p in sorted(Path(reference).iterdir()) if p.is_file()).encode()).hexdigest()
     rankings, records = [], []
     for source, rows, speech_path in zip(sources, manifests, args.gap_speech):
+        if not any(r["audio"] is not None for r in rows) or source.speech_fraction in (0.0, 1.0):
+            rankings.append(None)  # every subset of this manifest is empty or whole: the seeded order will do
+            records.append({"manifest": source.path, "synthetic": None})
+            continue
+        if speech_path.lower() == "none":
+            raise InputError(f"--gap-speech none for {source.path}: its speech fraction {source.speech_fraction:g} "
+                             f"leaves a subset to choose; give its synthetic speech (prepare.py synth)")
         speech_path = find_path(speech_path)
         synthetic = {r["id"]: r for r in read_manifest(speech_path)}
         candidates = sorted((r for r in rows if r["audio"] is not None), key=lambda r: r["id"])
@@ -747,7 +761,7 @@ def make_example(row: dict, tok, device_features: bool = False) -> Example:
 
 
 def collate(examples: list[Example | None], seq_len: int, n_frames_max: int | None,
-            answer_len: int | None = None, pad_id: int = 0) -> dict[str, np.ndarray]:
+            answer_len: int | None = None, pad_id: int = 0, waveforms: bool = False) -> dict[str, np.ndarray]:
     """Right-padded arrays. None = a padding row (the last step of an epoch): one token, no loss.
 
     targets[t] = ids[t+1] and loss_mask[t] = 1 where that next token is part of the answer (or its <|im_end|>),
@@ -755,7 +769,8 @@ def collate(examples: list[Example | None], seq_len: int, n_frames_max: int | No
     with 0, where loss_mask is always 0): the model computes logits only there. Transcript rows in a batch with
     speech get all-zero features and feature_lengths 0 (the encoder masks them out entirely). Examples that carry
     waveforms (device features) give input_waveforms [b, n_frames_max * HOP] and n_samples [b] instead of
-    input_features; the step computes the features from them."""
+    input_features; the step computes the features from them. `waveforms` says which of the two a batch carries,
+    also when none of its rows is a recording: every micro-batch of a step, on every host, has the same arrays."""
     from model.processor import HOP_LENGTH
     b = len(examples)  # pad_id fills padded positions, masked out of attention and loss (any id would do)
     out = {"input_ids": np.full((b, seq_len), pad_id, np.int32), "attention_mask": np.zeros((b, seq_len), np.int32),
@@ -763,9 +778,8 @@ def collate(examples: list[Example | None], seq_len: int, n_frames_max: int | No
     if answer_len is None:
         answer_len = max([len(ex.ids) - ex.n_prompt for ex in examples if ex is not None] + [1])
     out["answer_index"] = np.zeros((b, answer_len), np.int32)
-    waves = any(ex is not None and ex.waveform is not None for ex in examples)
     if n_frames_max is not None:
-        if waves:
+        if waveforms:
             out["input_waveforms"] = np.zeros((b, n_frames_max * HOP_LENGTH), np.float32)
             out["n_samples"] = np.zeros((b,), np.int32)
         else:
@@ -872,7 +886,7 @@ class StepLoader:
         longest, frames, teacher_longest = _global_max(longest, frames, teacher_longest)
         seq_len, n_frames = step_shape(longest, frames if any_speech else None)
         answer_len = min(self.answer_len, seq_len)
-        arrays = [collate(mb, seq_len, n_frames, answer_len, self.pad_id) for mb in examples]
+        arrays = [collate(mb, seq_len, n_frames, answer_len, self.pad_id, self.device_features) for mb in examples]
         if teachers is not None:
             teacher_len = step_shape(teacher_longest, None)[0]
             for a, mb in zip(arrays, teachers):
@@ -1669,23 +1683,27 @@ def export(params: dict, hf_config: dict, tok, tokenizer_dir: str | None, hf_dir
 # 6. --aot-topology: the exact train step compiled for a TPU slice, on this machine
 # ----------------------------------------------------------------------------------------------------------------
 
-def aot_step_shape(args: Args, plan: Plan, manifests: list[list[dict]], tok) -> tuple[int, int | None, int]:
-    """(sequence length, audio frames or None, answer length) of the run's largest step: its longest row (prompt +
-    answer tokens as make_example builds them; durations from the audio headers, or --aot-audio-seconds for every
-    clip), or the stated --aot-seq-len, in the step-shape buckets."""
+def aot_step_shape(args: Args, plan: Plan, manifests: list[list[dict]],
+                   tok) -> tuple[int, int | None, int, int]:
+    """(sequence length, audio frames or None, answer length, distillation teacher length) of the run's largest
+    step: its longest row (prompt + answer tokens as make_example builds them; durations from the audio headers, or
+    --aot-audio-seconds for every clip), or the stated --aot-seq-len, in the step-shape buckets; the teacher's, from
+    the recordings' transcripts."""
     from model import processor as P
     from model.answer import render_answer
     from model.processor import round_up
     by_id = [{r["id"]: r for r in rows} for rows in manifests]
     used = [by_id[m][i] for m, i in sorted({k for keys in plan.epoch_keys for k in keys})]
     audio_prompt = len(P.encode_prompt(tok, P.build_prompt(None, audio=True), n_audio_tokens=1)) - 1
-    tokens, frames, longest_answer = 1, None, 1
+    tokens, frames, longest_answer, teacher = 1, None, 1, 1
     for r in used:
         answer = len(encode_text(tok, render_answer(r["scenario"], r["action"], r["entities"]))) + 1  # + <|im_end|>
         longest_answer = max(longest_answer, answer)
+        as_text = len(P.encode_prompt(tok, P.build_prompt(r["text"], audio=False))) + answer
         if r["audio"] is None:
-            tokens = max(tokens, len(P.encode_prompt(tok, P.build_prompt(r["text"], audio=False))) + answer)
+            tokens = max(tokens, as_text)
             continue
+        teacher = max(teacher, as_text)
         seconds = args.aot_audio_seconds if args.aot_audio_seconds is not None else P.check_audio_file(r["audio"])[1]
         n = P.num_frames(-(-int(round(seconds * P.SAMPLE_RATE * 1e6)) // 1_000_000))  # ceil, as load_audio's length
         tokens = max(tokens, audio_prompt + int(P.num_audio_tokens(n)) + answer)
@@ -1695,7 +1713,7 @@ def aot_step_shape(args: Args, plan: Plan, manifests: list[list[dict]], tok) -> 
             raise InputError(f"--aot-seq-len {args.aot_seq_len}: the run's longest row has {tokens} tokens")
         tokens = args.aot_seq_len
     seq_len, n_frames = step_shape(tokens, frames)
-    return seq_len, n_frames, min(round_up(longest_answer, 16), seq_len)
+    return seq_len, n_frames, min(round_up(longest_answer, 16), seq_len), step_shape(teacher, None)[0]
 
 
 def aot_train(args: Args) -> int:
@@ -1716,9 +1734,14 @@ def aot_train(args: Args) -> int:
     mesh = make_mesh(data, fsdp, tensor, devices=devices[:data * fsdp * tensor])
     global_batch, accum = resolve_batch(args, data, fsdp)
     sources, manifests = load_sources(args)
+    if args.subset_selection == "gap":
+        # The ranking needs the reference model; compile instead for every recording the subset could take (the
+        # whole of each manifest: an upper bound on the step's shape).
+        sources = [Source(s.path, 1.0 if s.speech_fraction > 0 else 0.0) for s in sources]
+        args = dataclasses.replace(args, subset_selection="random")
     plan = build_plan(args, sources, manifests, global_batch)
     tok = P.load_tokenizer(args.model if os.path.isdir(args.model) else None)
-    seq_len, frames, answer_len = aot_step_shape(args, plan, manifests, tok)
+    seq_len, frames, answer_len, teacher_len = aot_step_shape(args, plan, manifests, tok)
     dtype = "bfloat16" if args.dtype == "auto" else args.dtype  # auto on an accelerator
 
     boxed = abstract_params(config, jnp.float32)
@@ -1744,9 +1767,9 @@ def aot_train(args: Args) -> int:
                                                        sharding=m.batch_sh)
     if frames is not None:
         batch["feature_lengths"] = jax.ShapeDtypeStruct(rows, jnp.int32, sharding=m.batch_sh)
-    teacher = {}  # distillation: the transcripts (at most the step's length) and, for 'frozen', the teacher's copy
+    teacher = {}  # distillation: the recordings' transcripts and, for 'frozen', the teacher's copy
     if args.distill_weight and frames is not None:
-        spec = {"teacher_input_ids": (seq_len, jnp.int32), "teacher_attention_mask": (seq_len, jnp.int32),
+        spec = {"teacher_input_ids": (teacher_len, jnp.int32), "teacher_attention_mask": (teacher_len, jnp.int32),
                 "teacher_answer_index": (answer_len, jnp.int32), "distill_mask": (answer_len, jnp.float32)}
         batch.update({k: jax.ShapeDtypeStruct(rows + (n,), t, sharding=m.batch_sh) for k, (n, t) in spec.items()})
         if args.distill_teacher == "frozen":

@@ -87,9 +87,8 @@ def test_pipeline_times_the_same_rows_both_ways_and_states_the_7b_appetite_from_
                                                                                 "device_features"}
     assert set(report["host_rows_per_s_per_core"]) == {"host_features", "device_features"}
     assert report["device_log_mel"]["batch"] == 2 and report["device_log_mel"]["rows_per_s"] > 0
-    # the appetite is the stated arithmetic: rows x FLOPs per row / (GPUs x peak x MFU)
+    # 7b: ~6 x 7.7e9 decoder parameters x 250 tokens per row, plus attention and the encoder on 200 positions
     s = report["step_7b"]
-    want_s = s["rows"] * s["model_flops_per_row"] / (s["gpus"] * bench.PEAK_BF16_FLOPS[s["gpu"]] * s["mfu"])
-    assert s["step_s"] == pytest.approx(want_s, abs=1e-3) and s["rows_per_s"] == pytest.approx(s["rows"] / want_s, rel=1e-2)
-    # 7b decoder: ~6 x 7.6e9 parameters x 250 tokens per row, plus attention and the encoder
     assert 1.0e13 < s["model_flops_per_row"] < 1.4e13
+    # 128 such rows on 8 x 989 TFLOP/s at 50%: about 0.37 s a step, ~340 rows/s
+    assert 0.3 < s["step_s"] < 0.45 and 280 < s["rows_per_s"] < 430

@@ -96,3 +96,20 @@ def test_gap_selection_without_synthetic_speech_for_every_recording_is_refused_n
         plan(corpus, 0.25, "--subset-selection", "gap", "--gap-speech", str(short))
     with pytest.raises(train.InputError, match="one synthetic-speech manifest per --train-manifest"):
         plan(corpus, 0.25, "--subset-selection", "gap")
+
+
+def test_a_manifest_with_nothing_to_choose_takes_none_and_one_with_a_subset_to_choose_needs_its_speech(corpus,
+                                                                                                     tmp_path):
+    texts = tmp_path / "texts.jsonl"  # transcripts only, like MASSIVE text in a cross-lingual setting
+    texts.write_text("".join(line + "\n" for line in corpus["manifest"].read_text().splitlines()
+                             if json.loads(line)["audio"] is None))
+    args = train.parse_args(["--train-manifest", f"{corpus['manifest']}:0.125", f"{texts}:0", "--scheme", "direct",
+                             "--subset-selection", "gap", "--gap-speech", str(corpus["synth"]), "none"])
+    sources, manifests = train.load_sources(args)
+    p = train.build_plan(args, sources, manifests, 4)
+    assert {k[1] for k in p.subset_keys} < set(corpus["muted"]) and len(p.subset_keys) == 2
+    args = train.parse_args(["--train-manifest", f"{corpus['manifest']}:0.125", "--scheme", "direct",
+                             "--subset-selection", "gap", "--gap-speech", "none"])
+    sources, manifests = train.load_sources(args)
+    with pytest.raises(train.InputError, match="leaves a subset to choose"):
+        train.build_plan(args, sources, manifests, 4)

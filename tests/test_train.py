@@ -396,12 +396,14 @@ def test_device_features_from_waveforms_give_the_host_features_loss_and_gradient
             np.testing.assert_allclose(got[k], want[k], rtol=1e-3, atol=1e-6, err_msg=k)
 
 
-def test_device_features_train_on_an_8_device_mesh_with_the_losses_of_host_features(setup, tmp_path):
-    common = ("--scheme", "direct", "--speech-fraction", "1.0", "--epochs", "1", "--per-device-batch", "1",
-              "--grad-accum", "1", "--fsdp", "8", "--max-steps", "2")
+def test_device_features_train_on_a_sharded_mesh_with_the_losses_of_host_features(setup, tmp_path):
+    # one recording in 16 rows, 2 micro-batches of 4 rows on 4 devices: its step has a micro-batch without audio
+    # (and devices without audio), which must carry the same arrays as the one with it
+    common = ("--scheme", "direct", "--speech-fraction", "0.25", "--epochs", "1", "--per-device-batch", "1",
+              "--grad-accum", "2", "--fsdp", "4", "--global-batch", "8")
     host = run(setup, tmp_path / "host", *common)
     device = run(setup, tmp_path / "device", *common, "--audio-features", "device")
-    assert device["n_speech_seen"] > 0 and device["step_shapes"] == host["step_shapes"]
+    assert device["n_speech_seen"] == 1 and device["step_shapes"] == host["step_shapes"]
     np.testing.assert_allclose(device["losses"], host["losses"], rtol=1e-5)
     settings = [json.loads((tmp_path / d / "config.json").read_text())["settings"]["audio_features"]
                 for d in ("host", "device")]
@@ -585,6 +587,27 @@ def test_aot_topology_compiles_this_runs_train_step_for_v5p_8_without_weights_or
     seq_len, n_frames = train.step_shape(longest, frames)
     assert (report["workload"]["seq_len"], report["workload"]["audio_frames"]) == (seq_len, n_frames)
     assert 0 < report["memory_per_chip_gib"]["total"] < 1 and report["arguments_per_chip_gib"]["opt_state"] > 0
+
+
+def test_aot_of_a_frozen_teacher_gap_run_runs_no_model_and_compiles_the_teacher_and_waveforms(setup, tmp_path, capsys,
+                                                                                               monkeypatch):
+    # --subset-selection gap would need the reference model: AOT compiles for every recording the subset could take
+    pytest.importorskip("libtpu")
+    def refuse(*args, **kwargs):
+        raise AssertionError("--aot-topology ran a model or decoded audio")
+    for name in ("load_model", "gap_scores", "gap_rankings"):
+        monkeypatch.setattr(train, name, refuse)
+    monkeypatch.setattr(P, "load_audio", refuse)
+    status = train.main(["--model", "tiny", "--train-manifest", str(setup["manifest"]), "--scheme", "direct",
+                         "--speech-fraction", "0.25", "--global-batch", "16", "--aot-topology", "v5p-8",
+                         "--subset-selection", "gap", "--gap-speech", "unused.jsonl", "--distill-weight", "1",
+                         "--distill-teacher", "frozen"])
+    report = json.loads(capsys.readouterr().out)
+    assert status == 0 and report["fits"]
+    args = report["arguments_per_chip_gib"]
+    # the teacher: a copy of the model in the compute dtype (bfloat16 on a TPU), half the float32 master weights
+    assert args["teacher"] == pytest.approx((args["trainable"] + args["frozen"]) / 2, abs=1e-3)  # GiB, 3 decimals
+    assert report["workload"]["audio_frames"] is not None  # the whole manifest's recordings: an upper bound
 
 
 def test_an_unknown_aot_topology_exits_2_with_one_line_naming_the_known_ones():
