@@ -35,7 +35,9 @@ command runs). A cell whose pred.jsonl was made by the same commands is skipped;
 same command whose export is finished (hf/training_run.json says so) is not trained again; an interrupted
 training resumes from its run directory (train.py does that itself). So rerunning the same command finishes an
 interrupted grid without redoing finished runs. A cell made by OTHER commands (other epochs, beams, learning rate,
-model, --max-steps, test set, ...) or by an older grid.py / train.py that recorded nothing is never reused: the
+model, --max-steps, test set, a training manifest whose content changed since: train_command.json holds the
+sha256 of each, and a record from before those hashes is reused on its command with a note) or by an older
+grid.py / train.py that recorded nothing is never reused: the
 grid refuses before running anything, naming each difference, and `--redo-changed` deletes those cells' run/ or
 pred.jsonl and redoes them. A run stopped by --max-steps counts as trained only for a command with that same
 --max-steps (a smoke grid); the real command differs from it and so redoes it.
@@ -94,7 +96,7 @@ PAPER_FRACTIONS = (0.02, 0.05, 0.10, 0.25, 0.50, 1.0)
 # train.py flags that grid.py sets per cell; passing them after `--` would contradict the layout.
 OWNED_TRAIN_FLAGS = ("--scheme", "--speech-fraction", "--epochs", "--model", "--run-dir", "--seed", "--subset-seed",
                      "--train-manifest", "--plan-only")
-TRAIN_RECORD = "train_command.json"  # in a trained cell: the train.py command that made run/
+TRAIN_RECORD = "train_command.json"  # in a trained cell: the train.py command that made run/, its data's hashes
 INFER_RECORD = "infer_command.json"  # beside pred.jsonl: the commands that made it and the test set's hash
 
 
@@ -355,10 +357,30 @@ def stale_training(args, cell: Cell, grid: Path) -> str | None:
     changed = differences(record["train"], portable(train_command(args, cell, grid), grid))
     if changed:
         return f"{run_dir}: trained with other settings: {'; '.join(changed)}"
+    recorded, now = record.get("train_data_sha256"), train_data_hashes(args, cell)
+    if recorded is None:  # a grid.py before the hashes: the command matched, the data may have changed since
+        print(f"grid.py: note: {cell.dir(grid) / TRAIN_RECORD} holds no hash of its training manifests (an older "
+              f"grid.py); reused on its command alone", file=sys.stderr)
+    elif recorded != now:
+        names = [p for p in dict.fromkeys([*recorded, *now]) if recorded.get(p) != now.get(p)]
+        return f"{run_dir}: its training data changed since it was trained: {', '.join(names)}"
     if export_state(run_dir)[0] == "unknown":
         return (f"{run_dir / 'hf'}: no {TRAINING_RUN_FILE} (exported by an older train.py): whether its training "
                 f"finished is unknown")
     return None
+
+
+def train_data_hashes(args, cell: Cell) -> dict[str, str]:
+    """{manifest: sha256 of its file} of what the cell's training reads (the train manifests; +gap's synthetic
+    speech manifest): the command names them by path, and a re-prepared corpus keeps the paths."""
+    paths = [entry.rsplit(":", 1)[0] for entry in train_entries(args, cell.fraction)]
+    if cell.scheme.endswith("+gap"):
+        paths.append(str(synthetic_manifest(args)))
+    return {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() if Path(p).is_file() else "missing" for p in paths}
+
+
+def train_record(args, cell: Cell, grid: Path) -> dict:
+    return {"train": portable(train_command(args, cell, grid), grid), "train_data_sha256": train_data_hashes(args, cell)}
 
 
 def infer_record(args, cell: Cell, grid: Path, test_hash: str) -> dict:
@@ -420,7 +442,7 @@ def run_cell(args, cell: Cell, grid: Path, test_hash: str) -> bool:
     run_dir = model_cell.dir(grid) / "run"
     if not trained(args, run_dir):
         cmd = train_command(args, model_cell, grid)
-        write_record(model_cell.dir(grid) / TRAIN_RECORD, {"train": portable(cmd, grid)})
+        write_record(model_cell.dir(grid) / TRAIN_RECORD, train_record(args, model_cell, grid))
         run_command(cmd)  # resumes from run/checkpoints if interrupted
         state, info = export_state(run_dir)
         if not trained(args, run_dir):

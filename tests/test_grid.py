@@ -466,6 +466,18 @@ def test_a_changed_test_set_refuses_every_prediction(fake, capsys):
     assert capsys.readouterr().err.count("test_speech.jsonl changed") == 3
 
 
+def test_a_changed_training_manifest_refuses_its_trainings_and_their_predictions(fake, capsys):
+    rows = read_manifest(fake.corpus / "train.jsonl")
+    write_manifest(fake.corpus / "train.jsonl", [{**rows[0], "action": "other"}] + rows[1:])  # same ids and paths
+    capsys.readouterr()
+    assert fake.run() == 2
+    err = capsys.readouterr().err
+    assert err.count("its training data changed since it was trained") == 2  # text-only and direct
+    assert err.count("which is not reused") == 3  # their decodings and the oracle's
+    assert fake.calls == []  # refused before running anything
+    assert fake.run("--redo-changed") == 0 and [s for s, _ in _ran(fake.calls)].count("train.py") == 2
+
+
 def test_a_moved_grid_is_the_same_grid(fake):
     moved = fake.grid.parent / "elsewhere"
     fake.grid.rename(moved)
