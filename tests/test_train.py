@@ -549,6 +549,39 @@ def test_two_process_distributed_run_has_the_losses_evaluation_and_export_of_one
         np.testing.assert_allclose(exported["two"][name], value, atol=1e-5, rtol=0, err_msg=name)
 
 
+@pytest.mark.slow
+def test_two_process_run_with_a_frozen_teacher_and_device_features_has_the_losses_of_one_process(setup, tmp_path):
+    # p = 0.25: one recording, so in its step one host's rows have audio and the other's none: both must send the
+    # same arrays (waveforms, teacher rows) for the global batch to exist
+    flags = ["train.py", "--model", str(setup["model"]), "--train-manifest", str(setup["manifest"]),
+             "--dev-manifest", "none", "--no-progress", "--peak-lr", "1e-3", "--scheme", "direct",
+             "--speech-fraction", "0.25", "--epochs", "1", "--per-device-batch", "1", "--grad-accum", "2",
+             "--max-steps", "2", "--save-every", "0", "--distill-weight", "1", "--distill-teacher", "frozen",
+             "--audio-features", "device"]
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false",
+            "JAX_DEFAULT_MATMUL_PRECISION": "highest", "HOME": os.environ.get("HOME", "/tmp")}
+    one = subprocess.run([sys.executable, *flags, "--run-dir", str(tmp_path / "one")], cwd=REPO, timeout=600,
+                         env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, *flags, "--run-dir", str(tmp_path / "two")], cwd=REPO,
+                              env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                                   "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+                                   "JAX_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[1][-3000:] for o in outs)
+    rows = {d: [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("one", "two")}
+    assert sum(r["n_speech"] for r in rows["one"]) == 1 and len(rows["two"]) == 2
+    np.testing.assert_allclose([r["loss"] for r in rows["two"]], [r["loss"] for r in rows["one"]], atol=1e-5, rtol=0)
+    kl = {d: [r.get("distill_kl") for r in rows[d]] for d in rows}
+    assert [k is None for k in kl["two"]] == [k is None for k in kl["one"]] and any(k is not None for k in kl["one"])
+    np.testing.assert_allclose([k for k in kl["two"] if k is not None], [k for k in kl["one"] if k is not None],
+                               rtol=1e-3)
+
+
 # --- it learns ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
