@@ -507,12 +507,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_process_distributed_run_has_the_losses_evaluation_and_export_of_one_process(setup, tmp_path):
-    flags = ["train.py", "--model", str(setup["model"]), "--train-manifest", str(setup["manifest"]),
-             "--dev-manifest", str(setup["manifest"]), "--eval-max-rows", "3", "--no-progress", "--peak-lr", "1e-3", "--scheme", "direct",
-             "--speech-fraction", "1.0", "--epochs", "1", "--per-device-batch", "1", "--grad-accum", "2",
-             "--max-steps", "2", "--save-every", "0"]
+def run_one_and_two_processes(flags: list[str], tmp_path) -> None:
+    """The train.py command `flags` as one process on 4 CPU devices (tmp_path/one) and as two processes of 2 devices
+    each through jax.distributed (tmp_path/two); both must exit 0."""
     base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false",
             "JAX_DEFAULT_MATMUL_PRECISION": "highest", "HOME": os.environ.get("HOME", "/tmp")}
     one = subprocess.run([sys.executable, *flags, "--run-dir", str(tmp_path / "one")], cwd=REPO, timeout=600,
@@ -527,6 +524,15 @@ def test_two_process_distributed_run_has_the_losses_evaluation_and_export_of_one
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[1][-3000:] for o in outs)
+
+
+@pytest.mark.slow
+def test_two_process_distributed_run_has_the_losses_evaluation_and_export_of_one_process(setup, tmp_path):
+    flags = ["train.py", "--model", str(setup["model"]), "--train-manifest", str(setup["manifest"]),
+             "--dev-manifest", str(setup["manifest"]), "--eval-max-rows", "3", "--no-progress", "--peak-lr", "1e-3", "--scheme", "direct",
+             "--speech-fraction", "1.0", "--epochs", "1", "--per-device-batch", "1", "--grad-accum", "2",
+             "--max-steps", "2", "--save-every", "0"]
+    run_one_and_two_processes(flags, tmp_path)
     losses = lambda d: [json.loads(l)["loss"] for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
     config = json.loads((tmp_path / "two" / "config.json").read_text())
     assert config["processes"] == 2 and config["devices"] == 4
@@ -558,20 +564,7 @@ def test_two_process_run_with_a_frozen_teacher_and_device_features_has_the_losse
              "--speech-fraction", "0.25", "--epochs", "1", "--per-device-batch", "1", "--grad-accum", "2",
              "--max-steps", "2", "--save-every", "0", "--distill-weight", "1", "--distill-teacher", "frozen",
              "--audio-features", "device"]
-    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false",
-            "JAX_DEFAULT_MATMUL_PRECISION": "highest", "HOME": os.environ.get("HOME", "/tmp")}
-    one = subprocess.run([sys.executable, *flags, "--run-dir", str(tmp_path / "one")], cwd=REPO, timeout=600,
-                         env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
-                         capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-3000:]
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, *flags, "--run-dir", str(tmp_path / "two")], cwd=REPO,
-                              env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-                                   "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-                                   "JAX_PROCESS_ID": str(i)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[1][-3000:] for o in outs)
+    run_one_and_two_processes(flags, tmp_path)
     rows = {d: [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
             for d in ("one", "two")}
     assert sum(r["n_speech"] for r in rows["one"]) == 1 and len(rows["two"]) == 2
