@@ -89,7 +89,7 @@ from model.answer import MAX_NEW_TOKENS
 from model.checkpoint import TRAINING_RUN_FILE
 from model.manifest import ManifestError, atomic_write_text, jsonl_text, read_manifest, write_manifest
 from report import fraction_name  # the directory names report.py parses: p0, p0.02, p1
-from train import SCHEMES, VARIANT_SCHEMES, VARIANTS
+from train import SCHEMES, VARIANT_SCHEMES, VARIANTS, file_digest
 
 REPO = Path(__file__).resolve().parent
 PAPER_FRACTIONS = (0.02, 0.05, 0.10, 0.25, 0.50, 1.0)
@@ -221,8 +221,9 @@ def variant_flags(args, scheme: str) -> list[str]:
 
 def train_command(args, cell: Cell, grid: Path) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), "--scheme", cell.scheme.split("+")[0],
-            *variant_flags(args, cell.scheme), "--speech-fraction", f"{cell.fraction:g}", "--epochs", str(args.epochs), "--model", args.model,
-            "--run-dir", str(cell.dir(grid) / "run"), "--seed", str(cell.seed), "--subset-seed", str(cell.seed),
+            *variant_flags(args, cell.scheme), "--speech-fraction", f"{cell.fraction:g}", "--epochs", str(args.epochs),
+            "--model", args.model, "--run-dir", str(cell.dir(grid) / "run"), "--seed", str(cell.seed),
+            "--subset-seed", str(cell.seed),
             "--train-manifest", *train_entries(args, cell.fraction),
             *([] if "--dev-manifest" in flag_names(args.train_flags) else ["--dev-manifest", dev_manifest(args)]),
             *args.train_flags]
@@ -376,11 +377,12 @@ def train_data_hashes(args, cell: Cell) -> dict[str, str]:
     paths = [entry.rsplit(":", 1)[0] for entry in train_entries(args, cell.fraction)]
     if cell.scheme.endswith("+gap"):
         paths.append(str(synthetic_manifest(args)))
-    return {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() if Path(p).is_file() else "missing" for p in paths}
+    return {p: file_digest(p) if Path(p).is_file() else "missing" for p in paths}
 
 
 def train_record(args, cell: Cell, grid: Path) -> dict:
-    return {"train": portable(train_command(args, cell, grid), grid), "train_data_sha256": train_data_hashes(args, cell)}
+    return {"train": portable(train_command(args, cell, grid), grid),
+            "train_data_sha256": train_data_hashes(args, cell)}
 
 
 def infer_record(args, cell: Cell, grid: Path, test_hash: str) -> dict:

@@ -170,7 +170,7 @@ class Args:
     subset_selection: Literal["random", "gap"] = "random"
     """Which speech rows make the subset (README, "Distillation and gap selection"). random: a prefix of one seeded
     permutation (--subset-seed). gap: the top of a ranking by the text-speech gap of --gap-reference on synthetic
-    speech of the transcripts (--gap-speech), spread over intents by their mean gap; nested across fractions."""
+    speech of the transcripts (--gap-speech), spread over intents by their median gap; nested across fractions."""
     gap_speech: tuple[str, ...] = ()
     """--subset-selection gap: per --train-manifest (same order), a manifest of synthetic recordings of its speech
     rows' transcripts, by row id (`python prepare.py synth --manifest TRAIN --out DIR` writes DIR/synthetic.jsonl)."""
@@ -631,7 +631,7 @@ def gap_scores(reference: str, pairs: list[tuple[dict, dict]], dtype: str, batch
     for start in range(0, len(pairs), batch):
         chunk = pairs[start:start + batch]
         speech = [make_example({**row, "audio": synthetic["audio"]}, tok) for row, synthetic in chunk]
-        text = [make_example({**row, "audio": None}, tok) for row, _ in chunk]
+        text = [transcript_example(row, tok) for row, _ in chunk]
         speech += [None] * (batch - len(chunk))
         text += [None] * (batch - len(chunk))
         seq_len, frames = step_shape(max(len(e.ids) for e in speech if e),
@@ -760,6 +760,12 @@ def make_example(row: dict, tok, device_features: bool = False) -> Example:
                    features, int(n_frames), waveform)
 
 
+def transcript_example(row: dict, tok) -> Example:
+    """A recording row as its transcript: the same instruction and answer, the text in place of the audio (the
+    distillation teacher's input, and the gap score's text side)."""
+    return make_example({**row, "audio": None}, tok)
+
+
 def collate(examples: list[Example | None], seq_len: int, n_frames_max: int | None,
             answer_len: int | None = None, pad_id: int = 0, waveforms: bool = False) -> dict[str, np.ndarray]:
     """Right-padded arrays. None = a padding row (the last step of an epoch): one token, no loss.
@@ -880,7 +886,8 @@ class StepLoader:
         longest = max([len(ex.ids) for ex in flat] + [1])
         frames = max([bucket_frames(ex.n_frames) for ex in flat if ex.n_frames] + [0])
         any_speech = any(self.rows[k[0]][k[1]]["audio"] is not None for k in keys if k is not None)
-        teachers = [[None if ex is None or not ex.n_frames else self.teacher_example(k) for k, ex in zip(ks, mb)]
+        teachers = [[None if ex is None or not ex.n_frames else transcript_example(self.rows[k[0]][k[1]], self.tok)
+                     for k, ex in zip(ks, mb)]
                     for ks, mb in zip(micro, examples)] if self.distill and any_speech else None
         teacher_longest = max([len(t.ids) for mb in teachers or [] for t in mb if t is not None] + [1])
         longest, frames, teacher_longest = _global_max(longest, frames, teacher_longest)
@@ -892,10 +899,6 @@ class StepLoader:
             for a, mb in zip(arrays, teachers):
                 a.update(collate_teacher(mb, teacher_len, answer_len, self.pad_id))
         return {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
-
-    def teacher_example(self, key: tuple) -> Example:
-        """The transcript of the recording row `key`, with the same instruction and answer."""
-        return make_example({**self.rows[key[0]][key[1]], "audio": None}, self.tok)
 
 
 def device_features(args: Args, backend: str) -> bool:
