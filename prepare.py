@@ -978,15 +978,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output folder: synthetic.jsonl and audio/")
 
     args = parser.parse_args(argv)
-    if args.corpus == "synth":
-        try:
-            synthesize(args.manifest, args.out)
-        except ManifestError as e:
-            print(f"prepare.py: error: {e}", file=sys.stderr)
-            return 2
-        return 0
     stage = AudioStage(args.out) if args.corpus in ("speech-massive", "italic") else None
     try:
+        if args.corpus == "synth":  # not a corpus: synthetic speech of one manifest, written by synthesize itself
+            synthesize(args.manifest, args.out)
+            return 0
         if args.corpus == "slurp":
             rows = load_slurp(args.annotations, args.audio_dir.resolve(), args.splits)
         elif args.corpus == "massive":
