@@ -35,8 +35,9 @@ command runs). A cell whose pred.jsonl was made by the same commands is skipped;
 same command whose export is finished (hf/training_run.json says so) is not trained again; an interrupted
 training resumes from its run directory (train.py does that itself). So rerunning the same command finishes an
 interrupted grid without redoing finished runs. A cell made by OTHER commands (other epochs, beams, learning rate,
-model, --max-steps, test set, a training manifest whose content changed since: train_command.json holds the
-sha256 of each, and a record from before those hashes is reused on its command with a note) or by an older
+model, --max-steps, test set, a training manifest or --model directory whose content changed since:
+train_command.json holds the sha256 of each, and a record from before those hashes is reused on its command with a
+note) or by an older
 grid.py / train.py that recorded nothing is never reused: the
 grid refuses before running anything, naming each difference, and `--redo-changed` deletes those cells' run/ or
 pred.jsonl and redoes them. A run stopped by --max-steps counts as trained only for a command with that same
@@ -74,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -87,9 +89,10 @@ from typing import Sequence
 
 from model.answer import MAX_NEW_TOKENS
 from model.checkpoint import TRAINING_RUN_FILE
+from model.config import resolve_model
 from model.manifest import ManifestError, atomic_write_text, jsonl_text, read_manifest, write_manifest
 from report import fraction_name  # the directory names report.py parses: p0, p0.02, p1
-from train import SCHEMES, VARIANT_SCHEMES, VARIANTS, file_digest
+from train import SCHEMES, VARIANT_SCHEMES, VARIANTS, file_digest, model_digest
 
 REPO = Path(__file__).resolve().parent
 PAPER_FRACTIONS = (0.02, 0.05, 0.10, 0.25, 0.50, 1.0)
@@ -365,6 +368,11 @@ def stale_training(args, cell: Cell, grid: Path) -> str | None:
     elif recorded != now:
         names = [p for p in dict.fromkeys([*recorded, *now]) if recorded.get(p) != now.get(p)]
         return f"{run_dir}: its training data changed since it was trained: {', '.join(names)}"
+    if "model_sha256" not in record:  # a grid.py before the model's hash: the model is taken as it is now
+        print(f"grid.py: note: {cell.dir(grid) / TRAIN_RECORD} holds no hash of its --model (an older grid.py); "
+              f"reused on its command alone", file=sys.stderr)
+    elif record["model_sha256"] != start_model_hash(args.model):
+        return f"{run_dir}: its --model {args.model} changed since it was trained (other files or weights)"
     if export_state(run_dir)[0] == "unknown":
         return (f"{run_dir / 'hf'}: no {TRAINING_RUN_FILE} (exported by an older train.py): whether its training "
                 f"finished is unknown")
@@ -380,9 +388,17 @@ def train_data_hashes(args, cell: Cell) -> dict[str, str]:
     return {p: file_digest(p) if Path(p).is_file() else "missing" for p in paths}
 
 
+@functools.cache
+def start_model_hash(model: str) -> str | None:
+    """sha256 of the --model directory every cell starts from (train.model_digest, once per grid.py run: a 7B
+    directory is 16 GB; main clears the cache); None for a preset."""
+    path = resolve_model(model)
+    return model_digest(path) if os.path.isdir(path) else None
+
+
 def train_record(args, cell: Cell, grid: Path) -> dict:
     return {"train": portable(train_command(args, cell, grid), grid),
-            "train_data_sha256": train_data_hashes(args, cell)}
+            "train_data_sha256": train_data_hashes(args, cell), "model_sha256": start_model_hash(args.model)}
 
 
 def infer_record(args, cell: Cell, grid: Path, test_hash: str) -> dict:
@@ -645,6 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print_commands(sub)
             return 0
         # Every grid's cells are checked before anything runs: a refusal comes first, not hours in.
+        start_model_hash.cache_clear()  # the model as it is at this run's start
         hashes = [test_speech_hash(sub) for sub in grids]
         stale = [s for sub, h in zip(grids, hashes) for s in stale_cells(sub, Path(sub.grid), h)]
         if stale and not args.redo_changed:

@@ -652,6 +652,14 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def model_digest(model_dir: str | Path) -> str:
+    """sha256 over a model directory's files (names and contents): what a run's settings and a gap ranking record
+    of their model, so that a directory whose weights were replaced (a rebuilt `mini`, a re-downloaded checkpoint)
+    is never taken for the one a run or ranking was made with, while a copy elsewhere is."""
+    return hashlib.sha256("".join(f"{p.name}:{file_digest(p)}\n" for p in sorted(Path(model_dir).iterdir())
+                                  if p.is_file()).encode()).hexdigest()
+
+
 def gap_rankings(args: Args, sources: list[Source], manifests: list[list[dict]]) -> tuple[list[list[str]], dict]:
     """(per manifest, its speech rows' ids in gap order; what the run's config records). A ranking is computed once
     per (manifest rows, synthetic recordings, reference model) and cached next to the synthetic manifest, under the
@@ -670,8 +678,7 @@ def gap_rankings(args: Args, sources: list[Source], manifests: list[list[dict]])
         raise InputError(f"--gap-reference {reference}: gap selection needs a trained model directory (the initial "
                          f"--model or a text-only run's RUN_DIR/hf), not a random preset")
     dtype = resolve_dtype("auto")  # the compute dtype of this backend: part of what the scores are
-    model_digest = hashlib.sha256("".join(
-        f"{p.name}:{file_digest(p)}\n" for p in sorted(Path(reference).iterdir()) if p.is_file()).encode()).hexdigest()
+    reference_digest = model_digest(reference)
     rankings, records = [], []
     for source, rows, speech_path in zip(sources, manifests, args.gap_speech):
         if not any(r["audio"] is not None for r in rows) or source.speech_fraction in (0.0, 1.0):
@@ -693,7 +700,7 @@ def gap_rankings(args: Args, sources: list[Source], manifests: list[list[dict]])
         if other:
             raise InputError(f"{speech_path}: {len(other)} rows speak another text than {source.path}'s row of the "
                              f"same id (first: {other[0]}); make it from that manifest")
-        blob = json.dumps([GAP_SCORE, dtype, model_digest] + [
+        blob = json.dumps([GAP_SCORE, dtype, reference_digest] + [
             [r["id"], r["text"], r["scenario"], r["action"], r["entities"], file_digest(synthetic[r["id"]]["audio"])]
             for r in candidates], ensure_ascii=False)
         fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -1289,7 +1296,7 @@ def result_settings(args: Args, plan: Plan, dtype: str) -> dict:
     settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in RESUMABLE}
     import jax
     on_device = device_features(args, jax.default_backend())
-    settings.update(model=os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
+    settings.update(model=f"sha256:{model_digest(args.model)}" if os.path.isdir(args.model) else args.model,
                     audio_features="device" if on_device else "host",
                     peak_lr=peak, last_epoch_peak_lr=last, compute_dtype=dtype, global_batch=plan.global_batch,
                     plan_fingerprint=plan.fingerprint())
@@ -1309,8 +1316,13 @@ LATER_SETTINGS = {"distill_weight": 0.0, "distill_teacher": "self", "distill_tem
                   "subset_selection": "random", "gap_speech": [], "gap_reference": None, "audio_features": "host"}
 
 
-def refuse_other_settings(what: str, old: dict, new: dict) -> None:
+def refuse_other_settings(what: str, old: dict, new: dict, model_dir: str) -> None:
     old = {**{k: v for k, v in LATER_SETTINGS.items() if k in new}, **old}
+    if str(old.get("model")).startswith("/") and old["model"] == os.path.abspath(model_dir):
+        # recorded by a train.py that named a model directory by its absolute path, not its contents
+        print(f"train.py: note: {what} records its model by path ({old['model']}), not by contents; taken to be "
+              f"that directory's model as it is now", file=sys.stderr)
+        old["model"] = new["model"]
     diff = [f"{setting_name(k)} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k)]
     if diff:
@@ -1345,7 +1357,7 @@ class RunDir:
         if "settings" not in meta:
             raise InputError(f"{self.path}: its checkpoint (step {step}) was written by an older train.py that did "
                              f"not record its settings, so a resume cannot be checked; use another --run-dir")
-        refuse_other_settings(f"{self.path}: its checkpoint (step {step})", meta["settings"], settings)
+        refuse_other_settings(f"{self.path}: its checkpoint (step {step})", meta["settings"], settings, args.model)
         now = json.loads(json.dumps(dataclasses.asdict(args)))
         changed = {k: [meta["args"].get(k), now[k]] for k in RESUMABLE if meta["args"].get(k) != now[k]}
         return meta.get("history", []) + [{"resumed_at_step": step, "changed": changed}]
@@ -1439,7 +1451,7 @@ def train(args: Args) -> dict:
     history = run.check_resume(start, meta, settings, args) if meta else []
     finished = run.finished_export() if meta is None else None
     if finished is not None:  # done before, its checkpoints removed: nothing to train, nothing to reuse wrongly
-        refuse_other_settings(f"{run_dir}: this finished run", finished["settings"], settings)
+        refuse_other_settings(f"{run_dir}: this finished run", finished["settings"], settings, args.model)
         log(f"{run_dir}: finished already ({finished['steps']} steps; hf/ holds its model); nothing to do")
         return {"scheme": args.scheme, "run_dir": str(run_dir), "steps": finished["steps"],
                 "planned_steps": finished["planned_steps"], "finished": True, "already_finished": True, "losses": []}

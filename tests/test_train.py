@@ -272,6 +272,29 @@ def test_a_finished_run_keeps_its_export_not_its_optimizer_checkpoints_and_a_rer
     assert kept["finished"] and (tmp_path / "k" / "checkpoints" / "1").is_dir()
 
 
+def test_a_run_is_tied_to_its_models_contents_not_its_path(setup, tmp_path):
+    # a rebuilt `mini` or a re-downloaded checkpoint keeps its path: a finished run must not pass for its result
+    import shutil
+    flags = ("--scheme", "text-only", "--epochs", "1", "--global-batch", "16", "--per-device-batch", "16",
+             "--fsdp", "1")
+    first, copy = tmp_path / "first", tmp_path / "copy"
+    shutil.copytree(setup["model"], first)
+    assert run({**setup, "model": first}, tmp_path / "r", *flags)["finished"]
+    shutil.copytree(first, copy)  # the same model elsewhere (another checkout, another disk): the same run
+    assert run({**setup, "model": copy}, tmp_path / "r", *flags)["already_finished"]
+    save_hf(init_params(TINY, jax.random.PRNGKey(1)), TINY.to_hf_dict(), first, extra_files_from=setup["model"])
+    with pytest.raises(train.InputError, match=r"this finished run was made with other settings: --model 'sha256:"):
+        run({**setup, "model": first}, tmp_path / "r", *flags)
+
+
+def test_a_run_recorded_with_its_models_path_by_an_older_train_py_still_matches_that_path(tmp_path, capsys):
+    old, new = {"model": str(tmp_path), "epochs": 1}, {"model": "sha256:0123", "epochs": 1}
+    train.refuse_other_settings("RUN", dict(old), new, str(tmp_path))  # the same directory: taken as it is now
+    assert "records its model by path" in capsys.readouterr().err
+    with pytest.raises(train.InputError, match=r"--model '/elsewhere' -> 'sha256:0123'"):
+        train.refuse_other_settings("RUN", {**old, "model": "/elsewhere"}, new, str(tmp_path))
+
+
 def test_the_export_is_written_in_the_source_checkpoints_dtype(setup, tmp_path):
     # Qwen2-Audio-7B-Instruct ships bfloat16 weights: its fine-tuned export is bfloat16 too (half the disk)
     from safetensors import safe_open
