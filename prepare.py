@@ -360,6 +360,28 @@ def iter_columnar(path: Path, required: tuple[str, ...], columns: tuple[str, ...
         raise ManifestError(f"{path}: row {k}: cannot read: {e}") from None
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def stage_dir(out: Path, suffix: str = "") -> Path:
+    """A new temporary sibling of `out` (.NAME.PID.RANDOM+suffix) to build it in, after removing the ones a killed
+    prepare.py left behind (a corpus's worth of audio each): those whose process is gone."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ours = re.compile(rf"\.{re.escape(out.name)}\.(\d+)\.[a-z0-9_]{{8}}(\.tmp|\.old)?")  # mkdtemp's 8 characters
+    for p in out.parent.iterdir():
+        m = ours.fullmatch(p.name)
+        if m and p.is_dir() and int(m[1]) != os.getpid() and not _process_alive(int(m[1])):
+            shutil.rmtree(p, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=suffix, dir=out.parent))
+
+
 AUDIO_MAGIC = {b"RIFF": ".wav", b"fLaC": ".flac", b"OggS": ".ogg", b"ID3": ".mp3"}
 
 
@@ -372,8 +394,7 @@ class AudioStage:
 
     def write(self, corpus: str, locale: str, name: str, data: bytes) -> str:
         if self.dir is None:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+            self.dir = stage_dir(self.out, ".tmp")
         folder = self.dir / "audio" / corpus / locale
         stem, suffix = os.path.splitext(name)
         n = 0
@@ -752,7 +773,7 @@ def regenerate_demo(demo_dir: Path, templates_path: Path) -> None:
     if shutil.which("espeak-ng") is None:
         raise ManifestError("espeak-ng not found on PATH: --regenerate needs it (Debian: apt-get install espeak-ng)")
     demo_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo.", dir=demo_dir))
+    tmp = stage_dir(demo_dir / "demo")  # demo_dir/.demo.PID.RANDOM
     try:
         build_demo(templates_path, tmp)
         old = demo_dir / "audio"
@@ -785,8 +806,7 @@ def synthesize(manifest: Path, out: Path) -> list[dict]:
         raise ManifestError(f"{manifest}: no speech rows (rows with audio) to synthesise transcripts for")
     if out.exists() and not (out / SYNTH_MANIFEST).is_file():
         raise ManifestError(f"{out}: exists and is not a synth output (no {SYNTH_MANIFEST}); choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = stage_dir(out)
     try:
         (tmp / "audio").mkdir()
         files, synthetic = {}, []
@@ -902,7 +922,7 @@ def install_stage(stage: AudioStage, out: Path, splits: dict[str, list[dict]]) -
     apply_umask(stage.dir)  # mkdtemp's 0700 would survive the rename: --out is a folder like any other
     if out.exists():
         # Old aside, new in, old removed: a crash in between leaves one complete folder.
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        old = stage_dir(out, ".old")
         os.rmdir(old)
         os.replace(out, old)
         os.replace(stage.dir, out)

@@ -477,6 +477,25 @@ def test_bundled_demo_corpus_is_what_its_templates_produce(tmp_path, capsys):
         assert (tmp_path / "d" / f"{s}.jsonl").read_bytes() == (REPO / "data" / "demo" / f"{s}.jsonl").read_bytes()
 
 
+def test_a_killed_runs_staging_folders_are_removed_by_the_next_run_and_no_others(tmp_path, capsys):
+    # kill -9 skips every cleanup: a corpus's worth of staged audio would stay next to --out for good
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "synth"
+    left = [tmp_path / f".synth.{dead.pid}.abcd1234.tmp", tmp_path / f".synth.{dead.pid}.efgh5678.old"]
+    kept = [tmp_path / f".synth.{os.getppid()}.abcd1234",  # a live process's stage
+            tmp_path / f".synth.5.{dead.pid}.abcd1234.tmp",  # the stage of another --out, named "synth.5"
+            tmp_path / ".synth.notes"]
+    for d in left + kept:
+        d.mkdir()
+    rows = [r for r in prepare.read_manifest(REPO / "data" / "demo" / "devel.jsonl") if r["audio"]][:1]
+    prepare.write_manifest(tmp_path / "one.jsonl", [{**r, "audio": str(REPO / "data" / "demo" / r["audio"])}
+                                                    for r in rows])
+    assert run(["synth", "--manifest", tmp_path / "one.jsonl", "--out", out], capsys)[0] == 0
+    assert not any(d.exists() for d in left) and all(d.is_dir() for d in kept)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".synth.")) == sorted(d.name for d in kept)
+
+
 def test_help_lists_every_corpus():
     out = subprocess.run([sys.executable, "prepare.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True)
     for corpus in ("slurp", "massive", "speech-massive", "italic", "demo"):
