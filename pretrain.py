@@ -497,6 +497,66 @@ def transcribe(params, config, tok, sentences, feats, idx: list[int], batch: int
     return out[:len(idx)]
 
 
+def ctc_read(params, config, tok, sentences, feats, idx: list[int], batch: int = 32) -> list[str]:
+    """What the audio path hears without the decoder: the greedy path of the alignment loss's logits (projected audio
+    tokens against the input embeddings; the most likely token per audio token, repeats merged, CTC's blank
+    <|endoftext|> dropped), for the recordings of sentences[idx]."""
+    import jax
+    import jax.numpy as jnp
+    from model import processor as P
+    from model.qwen2_audio import AudioEncoder, Projector
+
+    @jax.jit
+    def best_tokens(x, lengths):
+        audio = AudioEncoder(config).apply({"params": params["audio_tower"]}, x, lengths)
+        audio = Projector(config).apply({"params": params["multi_modal_projector"]}, audio)
+        return jnp.argmax(audio @ params["language_model"]["embed_tokens"]["embedding"].T, axis=-1)
+
+    blank, T = P.special_ids(tok).pad, max(feats[i].shape[1] for i in idx)
+    out = []
+    for start in range(0, len(idx), batch):
+        chunk = idx[start:start + batch] + idx[:batch - len(idx[start:start + batch])]  # the last one padded
+        x = np.zeros((len(chunk), 128, T), np.float32)
+        for r, i in enumerate(chunk):
+            x[r, :, :feats[i].shape[1]] = feats[i]
+        best = np.asarray(best_tokens(jnp.asarray(x), jnp.asarray([sentences[i]["n_frames"] for i in chunk])))
+        for r, i in enumerate(chunk[:len(idx[start:start + batch])]):
+            path = best[r, :int(P.num_audio_tokens(sentences[i]["n_frames"]))]
+            ids = [int(t) for k, t in enumerate(path) if (k == 0 or t != path[k - 1]) and t != blank]
+            out.append(tok.decode(ids, skip_special_tokens=True).strip())
+    return out
+
+
+def recognise(model: str, manifest: str, max_rows: int | None) -> dict:
+    """--recognise: how well a model's audio path hears a manifest's recordings, before any fine-tuning. Text-only
+    training can only carry over to speech that the model recognises, so this is the first thing to measure of a
+    pretraining: word error rates of the "Repeat the utterance." answers (audio path and decoder) and of ctc_read
+    (audio path alone)."""
+    from model.checkpoint import load_hf
+    from model.config import Qwen2AudioConfig, resolve_model
+    from model.manifest import read_manifest
+    from model import processor as P
+    model_dir = resolve_model(model)
+    hf_config, params = load_hf(model_dir)
+    config, tok = Qwen2AudioConfig.from_hf_dict(hf_config), P.load_tokenizer(model_dir)
+    rows = [r for r in read_manifest(manifest, check_audio_exists=True) if r["audio"] is not None][:max_rows]
+    if not rows:
+        raise InputError(f"{manifest}: no recordings (rows with audio) to recognise")
+    sentences, feats = [], []
+    for r in rows:
+        features, n_frames = P.log_mel_features(P.load_audio(r["audio"]))
+        sentences.append({"text": r["text"], "n_frames": int(n_frames)})
+        feats.append(features)
+    idx, refs = list(range(len(rows))), [r["text"] for r in rows]
+    hyps, reads = transcribe(params, config, tok, sentences, feats, idx), ctc_read(params, config, tok, sentences,
+                                                                                   feats, idx)
+    return {"model": model, "manifest": manifest, "recordings": len(rows),
+            "wer": round(word_error_rate(refs, hyps), 4),
+            "exact": round(float(np.mean([normalise(a) == normalise(b) for a, b in zip(refs, hyps)])), 4),
+            "ctc_wer": round(word_error_rate(refs, reads), 4),
+            "examples": [{"text": a, "repeat": b, "ctc": c} for a, b, c in list(zip(refs, hyps, reads))[:5]]}
+
+
 def word_error_rate(refs: list[str], hyps: list[str]) -> float:
     """Word-level Levenshtein distance summed over the pairs, over the reference word count."""
     errors = words = 0
@@ -517,7 +577,7 @@ def word_error_rate(refs: list[str], hyps: list[str]) -> float:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="pretrain.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="run directory (corpus cache, state, hf/ export); rerun resumes")
+    p.add_argument("--out", help="run directory (corpus cache, state, hf/ export); rerun resumes")
     p.add_argument("--hf-out", default=None,
                    help="where the Hugging Face directory goes (default OUT/hf; models/mini is the shipped one)")
     p.add_argument("--spec", default=str(SPEC), help="corpus spec (default data/pretrain/corpus.json)")
@@ -532,7 +592,17 @@ def parse_args(argv):
     p.add_argument("--sentences-per-language", type=int, default=None,
                    help="override the spec's count (a shortened run, e.g. the tests)")
     p.add_argument("--seed", type=int, default=0, help="parameter init and batch draws")
+    p.add_argument("--recognise", metavar="MODEL", default=None,
+                   help="instead of pretraining: how well MODEL (a directory or 'mini') recognises --manifest's "
+                        "recordings; prints one JSON object (word error rates of 'Repeat the utterance.' and of the "
+                        "audio path alone)")
+    p.add_argument("--manifest", default=None, help="--recognise: the manifest whose recordings are heard")
+    p.add_argument("--max-rows", type=int, default=None, help="--recognise: the first N recordings only")
     args = p.parse_args(argv)
+    if args.recognise is not None and args.manifest is None:
+        p.error("--recognise needs --manifest (whose recordings to recognise)")
+    if args.recognise is None and args.out is None:
+        p.error("--out is required (or --recognise MODEL --manifest M)")
     if args.listen_steps < 0:
         p.error(f"--listen-steps must be >= 0, got {args.listen_steps}")
     for name in ("steps", "batch", "listen_batch", "save_every"):
@@ -592,6 +662,15 @@ def split_heldout(sentences: list[dict]) -> tuple[list[int], list[int]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.recognise is not None:
+        from model.config import ConfigError
+        from model.manifest import ManifestError
+        try:
+            print(json.dumps(recognise(args.recognise, args.manifest, args.max_rows), indent=1, ensure_ascii=False))
+            return 0
+        except (InputError, ManifestError, ConfigError, FileNotFoundError) as e:
+            print(f"pretrain.py: error: {e}", file=sys.stderr)
+            return 2
     try:
         spec = load_spec(Path(args.spec))
         demo = demo_texts(Path(args.demo_dir))

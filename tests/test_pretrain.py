@@ -134,6 +134,43 @@ def test_every_task_answer_is_read_off_the_sentence():
     assert f"{shown} {rest}" == text and shown and rest
 
 
+def test_recognise_reads_each_recording_as_it_would_alone_and_scores_what_it_heard(tmp_path):
+    # the batched, padded CTC read of 5 recordings (two buckets) equals reading each clip alone at its own length
+    import jax.numpy as jnp
+    from model.checkpoint import load_hf
+    from model.config import SHIPPED, Qwen2AudioConfig
+    from model.qwen2_audio import AudioEncoder, Projector
+    rows = [r for r in demo_rows("devel") if r["audio"]][:5]
+    manifest = tmp_path / "five.jsonl"
+    manifest.write_text("".join(json.dumps({**r, "audio": str(pt.DEMO_DIR / r["audio"])}) + "\n" for r in rows))
+    result = pt.recognise("mini", str(manifest), None)
+    assert result["recordings"] == 5 and 0.0 < result["ctc_wer"] < 1.0
+    hf_config, params = load_hf(SHIPPED["mini"])
+    config, tok = Qwen2AudioConfig.from_hf_dict(hf_config), P.load_tokenizer(SHIPPED["mini"])
+    alone = []
+    for r in rows:
+        feats, n = P.log_mel_features(P.load_audio(pt.DEMO_DIR / r["audio"]))
+        audio = AudioEncoder(config).apply({"params": params["audio_tower"]}, jnp.asarray(feats[None]),
+                                           jnp.asarray([n]))
+        audio = Projector(config).apply({"params": params["multi_modal_projector"]}, audio)
+        best = np.asarray(jnp.argmax(audio[0] @ params["language_model"]["embed_tokens"]["embedding"].T, -1))
+        best = best[:P.num_audio_tokens(n)]
+        alone.append(tok.decode([int(t) for k, t in enumerate(best) if (k == 0 or t != best[k - 1])
+                                 and t != P.special_ids(tok).pad], skip_special_tokens=True).strip())
+    assert [e["ctc"] for e in result["examples"]] == alone
+    assert result["ctc_wer"] == round(pt.word_error_rate([r["text"] for r in rows], alone), 4)
+    assert result["wer"] == round(pt.word_error_rate([r["text"] for r in rows],
+                                                     [e["repeat"] for e in result["examples"]]), 4)
+
+
+def test_recognise_without_recordings_exits_2_naming_the_manifest(tmp_path):
+    manifest = tmp_path / "text.jsonl"
+    manifest.write_text(json.dumps(demo_rows("devel")[0]) + "\n")
+    r = subprocess.run([sys.executable, "pretrain.py", "--recognise", "mini", "--manifest", str(manifest)],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and f"{manifest}: no recordings" in r.stderr
+
+
 def test_word_error_rate_counts_substitutions_insertions_and_deletions():
     assert pt.word_error_rate(["a b c d"], ["a x c"]) == 2 / 4
     assert pt.word_error_rate(["a b", "c"], ["a b", "c d e"]) == 2 / 3
