@@ -37,11 +37,10 @@ training resumes from its run directory (train.py does that itself). So rerunnin
 interrupted grid without redoing finished runs. A cell made by OTHER commands (other epochs, beams, learning rate,
 model, --max-steps, test set, a training manifest or --model directory whose content changed since:
 train_command.json holds the sha256 of each, and a record from before those hashes is reused on its command with a
-note) or by an older
-grid.py / train.py that recorded nothing is never reused: the
-grid refuses before running anything, naming each difference, and `--redo-changed` deletes those cells' run/ or
-pred.jsonl and redoes them. A run stopped by --max-steps counts as trained only for a command with that same
---max-steps (a smoke grid); the real command differs from it and so redoes it.
+note) or by an older grid.py / train.py that recorded nothing is never reused: the grid refuses before running
+anything, naming each difference, and `--redo-changed` deletes those cells' run/ or pred.jsonl and redoes them. A
+run stopped by --max-steps counts as trained only for a command with that same --max-steps (a smoke grid); the real
+command differs from it and so redoes it.
 
 Cross-lingual settings (paper Fig. 2 / Table 3), --setting NAME. Source: Speech-MASSIVE fr-FR prepared with
 `prepare.py speech-massive --locales fr-FR --out SRC`; targets: Speech-MASSIVE few-shot, `prepare.py speech-massive
