@@ -2,6 +2,7 @@
 
     python pretrain.py --out runs/pretrain        # corpus, tokenizer, two phases, OUT/hf (resumable: rerun it)
     python pretrain.py --out runs/pretrain --hf-out models/mini    # rebuild the shipped miniature (`--model mini`)
+    python pretrain.py --recognise mini --manifest data/demo/devel.jsonl  # how well a model hears those recordings
 
 Stages, each cached in OUT and skipped when its output exists (a rerun resumes where a killed run stopped):
   1. sentences   OUT/corpus/sentences.jsonl: data/pretrain/corpus.json's templates filled with slot values, plus
@@ -333,19 +334,23 @@ def ctc_targets(texts: list[str | None], tok, label_len: int) -> dict:
     return {"ctc_labels": labels, "ctc_label_paddings": paddings}
 
 
+def alignment_logits(params, config, features, feature_lengths):
+    """[B, T_audio, V]: the projected audio tokens read against the decoder's input embedding table."""
+    from model.qwen2_audio import AudioEncoder, Projector
+    audio = AudioEncoder(config).apply({"params": params["audio_tower"]}, features, feature_lengths)
+    audio = Projector(config).apply({"params": params["multi_modal_projector"]}, audio)
+    return audio @ params["language_model"]["embed_tokens"]["embedding"].T
+
+
 def alignment_loss(params, config, batch, blank_id: int):
     """CTC of the spoken text under audio-token logits read against the input embeddings (see the docstring):
     (summed over the recordings, their audio-token count)."""
     import jax.numpy as jnp
     import optax
     from model.processor import num_audio_tokens
-    from model.qwen2_audio import AudioEncoder, Projector
-    audio = AudioEncoder(config).apply({"params": params["audio_tower"]}, batch["input_features"],
-                                       batch["feature_lengths"])
-    audio = Projector(config).apply({"params": params["multi_modal_projector"]}, audio)
-    logits = audio @ params["language_model"]["embed_tokens"]["embedding"].T  # [B, T_audio, V]
+    logits = alignment_logits(params, config, batch["input_features"], batch["feature_lengths"])
     n_audio = jnp.maximum(num_audio_tokens(batch["feature_lengths"]), 0)
-    logit_paddings = (jnp.arange(audio.shape[1])[None] >= n_audio[:, None]).astype(jnp.float32)
+    logit_paddings = (jnp.arange(logits.shape[1])[None] >= n_audio[:, None]).astype(jnp.float32)
     per_row = optax.ctc_loss(logits, logit_paddings, batch["ctc_labels"], batch["ctc_label_paddings"],
                              blank_id=blank_id)
     has_audio = batch["feature_lengths"] > 0
@@ -504,13 +509,7 @@ def ctc_read(params, config, tok, sentences, feats, idx: list[int], batch: int =
     import jax
     import jax.numpy as jnp
     from model import processor as P
-    from model.qwen2_audio import AudioEncoder, Projector
-
-    @jax.jit
-    def best_tokens(x, lengths):
-        audio = AudioEncoder(config).apply({"params": params["audio_tower"]}, x, lengths)
-        audio = Projector(config).apply({"params": params["multi_modal_projector"]}, audio)
-        return jnp.argmax(audio @ params["language_model"]["embed_tokens"]["embedding"].T, axis=-1)
+    best_tokens = jax.jit(lambda x, lengths: jnp.argmax(alignment_logits(params, config, x, lengths), axis=-1))
 
     blank, T = P.special_ids(tok).pad, max(feats[i].shape[1] for i in idx)
     out = []
@@ -601,6 +600,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.recognise is not None and args.manifest is None:
         p.error("--recognise needs --manifest (whose recordings to recognise)")
+    if args.max_rows is not None and args.max_rows < 1:
+        p.error(f"--max-rows must be >= 1, got {args.max_rows}")
     if args.recognise is None and args.out is None:
         p.error("--out is required (or --recognise MODEL --manifest M)")
     if args.listen_steps < 0:
