@@ -35,7 +35,7 @@ command runs). A cell whose pred.jsonl was made by the same commands is skipped;
 same command whose export is finished (hf/training_run.json says so) is not trained again; an interrupted
 training resumes from its run directory (train.py does that itself). So rerunning the same command finishes an
 interrupted grid without redoing finished runs. A cell made by OTHER commands (other epochs, beams, learning rate,
-model, --max-steps, test set, a training manifest or --model directory whose content changed since:
+model, --max-steps, test set, a training manifest or --model / --gap-reference directory whose content changed since:
 train_command.json holds the sha256 of each, and a record from before those hashes is reused on its command with a
 note) or by an older grid.py / train.py that recorded nothing is never reused: the grid refuses before running
 anything, naming each difference, and `--redo-changed` deletes those cells' run/ or pred.jsonl and redoes them. A
@@ -367,11 +367,14 @@ def stale_training(args, cell: Cell, grid: Path) -> str | None:
     elif recorded != now:
         names = [p for p in dict.fromkeys([*recorded, *now]) if recorded.get(p) != now.get(p)]
         return f"{run_dir}: its training data changed since it was trained: {', '.join(names)}"
-    if "model_sha256" not in record:  # a grid.py before the model's hash: the model is taken as it is now
+    recorded, now = record.get("model_sha256"), model_hashes(train_command(args, cell, grid))
+    if recorded is None:  # a grid.py before the models' hashes: the models are taken as they are now
         print(f"grid.py: note: {cell.dir(grid) / TRAIN_RECORD} holds no hash of its --model (an older grid.py); "
               f"reused on its command alone", file=sys.stderr)
-    elif record["model_sha256"] != start_model_hash(args.model):
-        return f"{run_dir}: its --model {args.model} changed since it was trained (other files or weights)"
+    elif recorded != now:
+        values = flag_values(train_command(args, cell, grid))
+        names = [f"{f} {values[f][-1]}" for f in dict.fromkeys([*recorded, *now]) if recorded.get(f) != now.get(f)]
+        return f"{run_dir}: its {', '.join(names)} changed since it was trained (other files or weights)"
     if export_state(run_dir)[0] == "unknown":
         return (f"{run_dir / 'hf'}: no {TRAINING_RUN_FILE} (exported by an older train.py): whether its training "
                 f"finished is unknown")
@@ -387,17 +390,28 @@ def train_data_hashes(args, cell: Cell) -> dict[str, str]:
     return {p: file_digest(p) if Path(p).is_file() else "missing" for p in paths}
 
 
+MODEL_FLAGS = ("--model", "--gap-reference")  # train.py flags naming a model directory that the training reads
+
+
 @functools.cache
-def start_model_hash(model: str) -> str | None:
-    """sha256 of the --model directory every cell starts from (train.model_digest, once per grid.py run: a 7B
-    directory is 16 GB; main clears the cache); None for a preset."""
+def directory_hash(model: str) -> str | None:
+    """train.model_digest of a model directory, once per grid.py run (a 7B directory is 16 GB; main clears the
+    cache); None for a preset."""
     path = resolve_model(model)
     return model_digest(path) if os.path.isdir(path) else None
 
 
+def model_hashes(cmd: list[str]) -> dict[str, str | None]:
+    """{flag: sha256} of the model directories a train command reads (MODEL_FLAGS it has): the paths stay the same
+    when a model is rebuilt or re-downloaded, so the command alone cannot tell."""
+    values = flag_values(cmd)
+    return {flag: directory_hash(values[flag][-1]) for flag in MODEL_FLAGS if values.get(flag)}
+
+
 def train_record(args, cell: Cell, grid: Path) -> dict:
-    return {"train": portable(train_command(args, cell, grid), grid),
-            "train_data_sha256": train_data_hashes(args, cell), "model_sha256": start_model_hash(args.model)}
+    cmd = train_command(args, cell, grid)
+    return {"train": portable(cmd, grid), "train_data_sha256": train_data_hashes(args, cell),
+            "model_sha256": model_hashes(cmd)}
 
 
 def infer_record(args, cell: Cell, grid: Path, test_hash: str) -> dict:
@@ -660,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print_commands(sub)
             return 0
         # Every grid's cells are checked before anything runs: a refusal comes first, not hours in.
-        start_model_hash.cache_clear()  # the model as it is at this run's start
+        directory_hash.cache_clear()  # the models as they are at this run's start
         hashes = [test_speech_hash(sub) for sub in grids]
         stale = [s for sub, h in zip(grids, hashes) for s in stale_cells(sub, Path(sub.grid), h)]
         if stale and not args.redo_changed:

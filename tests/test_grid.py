@@ -478,25 +478,32 @@ def test_a_changed_training_manifest_refuses_its_trainings_and_their_predictions
     assert fake.run("--redo-changed") == 0 and [s for s, _ in _ran(fake.calls)].count("train.py") == 2
 
 
-def test_a_changed_start_model_refuses_its_trainings_and_their_predictions(tmp_path, monkeypatch, capsys):
-    # a rebuilt models/mini (or a re-downloaded checkpoint) keeps the command and the path: only its hash tells
+def test_a_changed_model_directory_refuses_its_trainings_and_their_predictions(tmp_path, monkeypatch, capsys):
+    # a rebuilt models/mini (or a re-downloaded checkpoint) keeps the command and the path: only its hash tells;
+    # the same for a --gap-reference among the train flags
     _corpus(tmp_path / "corpus", "en", "en", 4, 1)
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "model.safetensors").write_bytes(b"weights one")
+    model, reference = tmp_path / "model", tmp_path / "reference"
+    for d in (model, reference):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"weights one")
     calls = []
     monkeypatch.setattr(grid, "run_command", _stand_in(calls))
     argv = ["--corpus-dir", str(tmp_path / "corpus"), "--grid", str(tmp_path / "g"), "--schemes", "text-only",
-            "direct", "--fractions", "0.5", "--seeds", "0", "--model", str(model)]
+            "direct", "--fractions", "0.5", "--seeds", "0", "--model", str(model), "--", "--gap-reference",
+            str(reference)]
     assert grid.main(argv) == 0
     calls.clear()
     assert grid.main(argv) == 0 and [_script(c) for c in calls] == ["report.py"]  # unchanged: reused
-    (model / "model.safetensors").write_bytes(b"weights two")
     capsys.readouterr()
-    assert grid.main(argv) == 2
-    assert capsys.readouterr().err.count(f"its --model {model} changed since it was trained") == 2
+    for changed in (model, reference):
+        (changed / "model.safetensors").write_bytes(b"weights two")
+        assert grid.main(argv) == 2
+        flag = "--model" if changed == model else "--gap-reference"
+        assert capsys.readouterr().err.count(f"its {flag} {changed} changed since it was trained") == 2
+        (changed / "model.safetensors").write_bytes(b"weights one")
     for record in (tmp_path / "g").rglob(grid.TRAIN_RECORD):  # as an older grid.py wrote them: no model hash
         record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "model_sha256"}))
+    (model / "model.safetensors").write_bytes(b"weights two")
     assert grid.main(argv) == 0  # reused on the command alone, and said so
     assert capsys.readouterr().err.count("holds no hash of its --model (an older grid.py)") == 2
 
