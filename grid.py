@@ -302,6 +302,11 @@ def flag_values(cmd: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def changed_keys(a: dict, b: dict) -> list:
+    """The keys of either dict whose values differ (absent counts as a value), in order of appearance."""
+    return [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+
+
 def differences(old: list[str], new: list[str]) -> list[str]:
     """What changed from the recorded command `old` to `new`, flag by flag: '--epochs 1 -> 3'."""
     a, b = flag_values(old), flag_values(new)
@@ -309,8 +314,7 @@ def differences(old: list[str], new: list[str]) -> list[str]:
     def show(values):
         return "(absent)" if values is None else " ".join(values) or "(set)"
 
-    out = [f"{flag} {show(a.get(flag))} -> {show(b.get(flag))}" for flag in dict.fromkeys([*a, *b])
-           if a.get(flag) != b.get(flag)]
+    out = [f"{flag} {show(a.get(flag))} -> {show(b.get(flag))}" for flag in changed_keys(a, b)]
     if not out and old != new:  # the same flags in another order
         out.append(f"{shlex.join(old)} -> {shlex.join(new)}")
     return out
@@ -357,7 +361,8 @@ def stale_training(args, cell: Cell, grid: Path) -> str | None:
     record = read_record(cell.dir(grid) / TRAIN_RECORD)
     if record is None:
         return f"{run_dir}: no {TRAIN_RECORD} (made by an older grid.py or by hand): its settings are unknown"
-    changed = differences(record["train"], portable(train_command(args, cell, grid), grid))
+    cmd = train_command(args, cell, grid)
+    changed = differences(record["train"], portable(cmd, grid))
     if changed:
         return f"{run_dir}: trained with other settings: {'; '.join(changed)}"
     recorded, now = record.get("train_data_sha256"), train_data_hashes(args, cell)
@@ -365,15 +370,14 @@ def stale_training(args, cell: Cell, grid: Path) -> str | None:
         print(f"grid.py: note: {cell.dir(grid) / TRAIN_RECORD} holds no hash of its training manifests (an older "
               f"grid.py); reused on its command alone", file=sys.stderr)
     elif recorded != now:
-        names = [p for p in dict.fromkeys([*recorded, *now]) if recorded.get(p) != now.get(p)]
-        return f"{run_dir}: its training data changed since it was trained: {', '.join(names)}"
-    recorded, now = record.get("model_sha256"), model_hashes(train_command(args, cell, grid))
+        return f"{run_dir}: its training data changed since it was trained: {', '.join(changed_keys(recorded, now))}"
+    recorded, now = record.get("model_sha256"), model_hashes(cmd)
     if recorded is None:  # a grid.py before the models' hashes: the models are taken as they are now
         print(f"grid.py: note: {cell.dir(grid) / TRAIN_RECORD} holds no hash of its --model (an older grid.py); "
               f"reused on its command alone", file=sys.stderr)
     elif recorded != now:
-        values = flag_values(train_command(args, cell, grid))
-        names = [f"{f} {values[f][-1]}" for f in dict.fromkeys([*recorded, *now]) if recorded.get(f) != now.get(f)]
+        values = flag_values(cmd)
+        names = [f"{flag} {values[flag][-1]}" for flag in changed_keys(recorded, now)]
         return f"{run_dir}: its {', '.join(names)} changed since it was trained (other files or weights)"
     if export_state(run_dir)[0] == "unknown":
         return (f"{run_dir / 'hf'}: no {TRAINING_RUN_FILE} (exported by an older train.py): whether its training "

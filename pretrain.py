@@ -473,6 +473,19 @@ def make_optimizer(steps: int, peak_lr: float):
 # 5. Evaluation: speech recognition on held-out sentences
 
 
+def recording_batches(sentences, feats, idx: list[int], batch: int):
+    """(ids, features [b, 128, T], feature_lengths [b]) of the recordings of sentences[idx], `batch` at a time, T the
+    longest of all (one shape for every batch: one compilation); the last batch is filled up with the first
+    recordings, so a caller keeps the first len(idx) of its outputs."""
+    T = max(feats[i].shape[1] for i in idx)
+    for start in range(0, len(idx), batch):
+        chunk = idx[start:start + batch] + idx[:batch - len(idx[start:start + batch])]
+        x = np.zeros((len(chunk), 128, T), np.float32)
+        for r, i in enumerate(chunk):
+            x[r, :, :feats[i].shape[1]] = feats[i]
+        yield chunk, x, np.array([sentences[i]["n_frames"] for i in chunk], np.int32)
+
+
 def transcribe(params, config, tok, sentences, feats, idx: list[int], batch: int = 32) -> list[str]:
     """Greedy "Repeat the utterance." answers for the recordings of sentences[idx] (model/generate.py)."""
     import jax.numpy as jnp
@@ -483,17 +496,12 @@ def transcribe(params, config, tok, sentences, feats, idx: list[int], batch: int
     prompts = {i: P.encode_prompt(tok, prompt, n_audio_tokens=P.num_audio_tokens(sentences[i]["n_frames"]))
                for i in idx}
     S = max(len(p) for p in prompts.values())  # one shape for every chunk: one compilation
-    T = max(feats[i].shape[1] for i in idx)
     out = []
-    for start in range(0, len(idx), batch):
-        chunk = idx[start:start + batch] + idx[:batch - len(idx[start:start + batch])]  # the last one padded
+    for chunk, x, lengths in recording_batches(sentences, feats, idx, batch):
         ids = np.full((len(chunk), S), ids_of.pad, np.int32)
         mask = np.zeros((len(chunk), S), np.int32)
-        x = np.zeros((len(chunk), 128, T), np.float32)
-        for r, (i, p) in enumerate((i, prompts[i]) for i in chunk):
+        for r, p in enumerate(prompts[i] for i in chunk):
             ids[r, S - len(p):], mask[r, S - len(p):] = p, 1  # left padding
-            x[r, :, :feats[i].shape[1]] = feats[i]
-        lengths = np.array([sentences[i]["n_frames"] for i in chunk], np.int32)
         gen = greedy_search(params, config, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(x),
                             jnp.asarray(lengths), max_new_tokens=48, eos_ids=ids_of.eos, pad_id=ids_of.pad,
                             dtype=jnp.float32)
@@ -511,19 +519,14 @@ def ctc_read(params, config, tok, sentences, feats, idx: list[int], batch: int =
     from model import processor as P
     best_tokens = jax.jit(lambda x, lengths: jnp.argmax(alignment_logits(params, config, x, lengths), axis=-1))
 
-    blank, T = P.special_ids(tok).pad, max(feats[i].shape[1] for i in idx)
-    out = []
-    for start in range(0, len(idx), batch):
-        chunk = idx[start:start + batch] + idx[:batch - len(idx[start:start + batch])]  # the last one padded
-        x = np.zeros((len(chunk), 128, T), np.float32)
-        for r, i in enumerate(chunk):
-            x[r, :, :feats[i].shape[1]] = feats[i]
-        best = np.asarray(best_tokens(jnp.asarray(x), jnp.asarray([sentences[i]["n_frames"] for i in chunk])))
-        for r, i in enumerate(chunk[:len(idx[start:start + batch])]):
-            path = best[r, :int(P.num_audio_tokens(sentences[i]["n_frames"]))]
+    blank, out = P.special_ids(tok).pad, []
+    for _, x, lengths in recording_batches(sentences, feats, idx, batch):
+        best = np.asarray(best_tokens(jnp.asarray(x), jnp.asarray(lengths)))
+        for r, n_frames in enumerate(lengths):
+            path = best[r, :int(P.num_audio_tokens(n_frames))]
             ids = [int(t) for k, t in enumerate(path) if (k == 0 or t != path[k - 1]) and t != blank]
             out.append(tok.decode(ids, skip_special_tokens=True).strip())
-    return out
+    return out[:len(idx)]
 
 
 def recognise(model: str, manifest: str, max_rows: int | None) -> dict:
