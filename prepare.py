@@ -85,8 +85,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy.signal import resample_poly
 
-from model.manifest import (SPLITS, ManifestError, apply_umask, iter_jsonl, read_manifest, validate_row,
-                            write_manifest, write_split_dir)
+from model.manifest import (SPLITS, ManifestError, apply_umask, iter_jsonl, read_manifest, replace_dir,
+                            validate_row, write_manifest, write_split_dir)
 
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 
@@ -776,10 +776,7 @@ def regenerate_demo(demo_dir: Path, templates_path: Path) -> None:
     tmp = stage_dir(demo_dir / "demo")  # demo_dir/.demo.PID.RANDOM
     try:
         build_demo(templates_path, tmp)
-        old = demo_dir / "audio"
-        if old.exists():
-            os.replace(old, tmp / "audio.old")
-        os.replace(tmp / "audio", old)
+        replace_dir(tmp / "audio", demo_dir / "audio", aside=tmp / "audio.old")
         for split in SPLITS:
             os.replace(tmp / f"{split}.jsonl", demo_dir / f"{split}.jsonl")
     finally:
@@ -820,9 +817,7 @@ def synthesize(manifest: Path, out: Path) -> list[dict]:
                               "scenario": row["scenario"], "action": row["action"], "entities": row["entities"],
                               "voice": voice, "speed": SYNTH_SPEED})
         write_manifest(tmp / SYNTH_MANIFEST, synthetic)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out, aside=tmp.parent / f"{tmp.name}.old")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {out / SYNTH_MANIFEST}: {len(synthetic)} speech rows, {len(files)} synthetic recordings")
@@ -920,15 +915,7 @@ def install_stage(stage: AudioStage, out: Path, splits: dict[str, list[dict]]) -
         write_manifest(stage.dir / f"{split}.jsonl", rows)
     check_replaceable(out)
     apply_umask(stage.dir)  # mkdtemp's 0700 would survive the rename: --out is a folder like any other
-    if out.exists():
-        # Old aside, new in, old removed: a crash in between leaves one complete folder.
-        old = stage_dir(out, ".old")
-        os.rmdir(old)
-        os.replace(out, old)
-        os.replace(stage.dir, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(stage.dir, out)
+    replace_dir(stage.dir, out, aside=stage.dir.with_suffix(".old"))
     stage.dir = None
 
 

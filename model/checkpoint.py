@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from model import processor as P
-from model.manifest import apply_umask
+from model.manifest import apply_umask, replace_dir
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -560,22 +560,12 @@ def save_hf(params: dict, hf_config: dict, out_dir: str | os.PathLike, max_shard
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # Swap in: move the old directory aside, rename the new one into place, then delete the old one.
-    # (POSIX cannot rename a directory over a non-empty one, hence two renames; if the second fails the
-    # old directory is put back.)
-    old = None
+    # Swap in (replace_dir); the previous export is set aside inside .NAME.old-*, where _remove_stale finds it.
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
     try:
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rename(out_dir, old / out_dir.name)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        if old is not None and (old / out_dir.name).exists() and not out_dir.exists():
-            os.rename(old / out_dir.name, out_dir)
+        replace_dir(tmp, out_dir, aside=old / out_dir.name)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
+        if out_dir.exists():  # else the previous export is still in `old`, where _remove_stale puts it back
             shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return out_dir

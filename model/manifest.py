@@ -174,6 +174,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
+def replace_dir(new: Path, out: Path, aside: Path) -> None:
+    """Rename the finished folder `new` to `out`, the folder counterpart of atomic_write. An existing `out` is first
+    renamed to `aside` (a free name on the same file system) and deleted once `new` is in place: POSIX cannot rename
+    a folder onto a non-empty one, and with two renames a crash at any point leaves one complete folder (the
+    caller's stale-folder cleanup finds an `aside` left behind). If the second rename fails, the old `out` is put
+    back."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    os.replace(out, aside)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """`atomic_write` for a UTF-8 text file, written as given (no newline translation)."""
     def write(tmp: str) -> None:
@@ -222,15 +240,7 @@ def write_split_dir(out_dir: str | os.PathLike, splits: dict[str, list[dict]]) -
         apply_umask(tmp)  # mkdtemp's 0700 would survive the rename
         for split, rows in checked.items():
             (tmp / f"{split}.jsonl").write_text(jsonl_text(rows), encoding="utf-8")
-        if out_dir.exists():
-            # Swap: old aside, new in, old removed. Two renames, so a crash leaves one complete folder.
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.rmdir(old)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir, aside=tmp.with_suffix(".old"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from model.manifest import (ManifestError, apply_umask, atomic_write, atomic_write_text, read_manifest, write_manifest,
-                            write_split_dir)
+                            replace_dir, write_split_dir)
 
 
 def row(i, audio=None, **kw):
@@ -199,3 +199,21 @@ def test_non_utf8_line_is_a_manifest_error_naming_file_and_line(tmp_path):
     path.write_bytes(good + b"\n" + bad + b"\n")
     with pytest.raises(ManifestError, match=r"m\.jsonl:2: not valid UTF-8 \(byte 0xe9"):
         read_manifest(path)
+
+
+def test_replace_dir_swaps_a_folder_in_and_removes_the_old_one(tmp_path):
+    out, new = tmp_path / "out", tmp_path / ".out.tmp"
+    for folder, text in ((out, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "a.txt").write_text(text)
+    replace_dir(new, out, aside=tmp_path / ".out.old")
+    assert (out / "a.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_replace_dir_puts_the_old_folder_back_when_the_new_one_cannot_go_in(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    with pytest.raises(FileNotFoundError):
+        replace_dir(tmp_path / "never-written", out, aside=tmp_path / ".out.old")
+    assert (out / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
