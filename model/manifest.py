@@ -177,9 +177,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 def replace_dir(new: Path, out: Path, aside: Path) -> None:
     """Rename the finished folder `new` to `out`, the folder counterpart of atomic_write. An existing `out` is first
     renamed to `aside` (a free name on the same file system) and deleted once `new` is in place: POSIX cannot rename
-    a folder onto a non-empty one, and with two renames a crash at any point leaves one complete folder (the
-    caller's stale-folder cleanup finds an `aside` left behind). If the second rename fails, the old `out` is put
-    back."""
+    a folder onto a non-empty one. If the second rename fails, the old `out` is put back; a crash between the two
+    renames leaves it complete at `aside`."""
     if not out.exists():
         os.replace(new, out)
         return
