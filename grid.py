@@ -506,8 +506,8 @@ def refuse(stale: list[tuple[Path, str]]) -> GridError:
     shown = [f"  {why}" for _, why in stale[:10]] + ([f"  ... and {len(stale) - 10} more"] if len(stale) > 10 else [])
     return GridError(f"{len(stale)} finished part(s) of the grid were made by other commands than this one, and "
                      f"would be reused as if they were its results:\n" + "\n".join(shown) + "\n"
-                     f"Rerun with --redo-changed to delete and redo them, rerun the original command, or use "
-                     f"another --grid.")
+                     "Rerun with --redo-changed to delete and redo them, rerun the original command, or use "
+                     "another --grid.")
 
 
 def print_commands(args) -> None:

@@ -41,7 +41,6 @@ exported model is a plain Qwen2-Audio.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import random
