@@ -951,10 +951,11 @@ def answer_nll(logits, mb: dict):
     """(sum of token cross-entropies over the answer tokens, their count) from answer_logits."""
     import jax
     import jax.numpy as jnp
+    from model.qwen2_audio import target_logits
     targets = jnp.take_along_axis(mb["targets"], mb["answer_index"], axis=1)
     mask = jnp.take_along_axis(mb["loss_mask"], mb["answer_index"], axis=1)
     logz = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    target = target_logits(logits, targets)
     return jnp.sum((logz - target) * mask), jnp.sum(mask)
 
 

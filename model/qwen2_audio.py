@@ -125,6 +125,32 @@ class AudioEncoderLayer(nn.Module):
         return x, None
 
 
+class Conv3(nn.Module):
+    """Conv1d(kernel 3, padding 1, stride 1 or 2) written as one matmul over the three shifted copies of the input
+    (im2col). Same parameters as nn.Conv (kernel [3, in, out], bias [out]), so checkpoints are unchanged; XLA's CPU
+    convolution computes the kernel's gradient an order of magnitude slower than this matmul does (bench.py step)."""
+    features: int
+    stride: int
+    in_name: str  # the input channels' logical axis
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x [B, T, in] -> [B, ceil(T / stride), out]."""
+        B, T, C = x.shape
+        kernel = self.param("kernel", nn.with_logical_partitioning(INIT, ("conv_width", self.in_name, "audio_embed")),
+                            (3, C, self.features), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("audio_embed",)),
+                          (self.features,), self.param_dtype)
+        padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0)))
+        t_out = (T - 1) // self.stride + 1
+        # window j of output t reads input t * stride + j - 1: tap j is the padded input from j, every stride-th
+        taps = [padded[:, j: j + self.stride * (t_out - 1) + 1: self.stride] for j in range(3)]
+        patches = jnp.concatenate(taps, axis=-1).astype(self.dtype)  # [B, t_out, 3 * in], tap-major as the kernel
+        return patches @ kernel.reshape(3 * C, self.features).astype(self.dtype) + bias.astype(self.dtype)
+
+
 class AudioEncoder(nn.Module):
     config: Qwen2AudioConfig
     dtype: Any = jnp.float32
@@ -142,15 +168,10 @@ class AudioEncoder(nn.Module):
             raise ValueError(f"input_features has {T} frames: expected a multiple of 4 and at most "
                              f"{2 * a.max_source_positions} (pad the real frames to a bucket)")
 
-        def conv(features, in_name, stride, name):
-            return nn.Conv(features, kernel_size=(3,), strides=(stride,), padding=((1, 1),), dtype=self.dtype,
-                           param_dtype=self.param_dtype, name=name,
-                           kernel_init=nn.with_logical_partitioning(INIT, ("conv_width", in_name, "audio_embed")),
-                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("audio_embed",)))
-
-        x = jnp.transpose(input_features, (0, 2, 1)).astype(self.dtype)  # flax convs are channels-last
-        x = nn.gelu(conv(a.d_model, "mel", 1, "conv1")(x), approximate=False)
-        x = nn.gelu(conv(a.d_model, "audio_conv_in", 2, "conv2")(x), approximate=False)  # [B, T/2, d]
+        x = jnp.transpose(input_features, (0, 2, 1)).astype(self.dtype)  # channels-last, as flax convs
+        x = nn.gelu(Conv3(a.d_model, 1, "mel", self.dtype, self.param_dtype, name="conv1")(x), approximate=False)
+        x = nn.gelu(Conv3(a.d_model, 2, "audio_conv_in", self.dtype, self.param_dtype, name="conv2")(x),
+                    approximate=False)  # [B, T/2, d]
         # Learned positions (the reference adds all 1500; a bucket of T frames uses the first T/2).
         embed_positions = nn.Embed(a.max_source_positions, a.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
                                    embedding_init=nn.with_logical_partitioning(INIT, ("audio_pos", "audio_embed")),
@@ -411,6 +432,25 @@ def forward(params, config: Qwen2AudioConfig, input_ids, attention_mask, input_f
 
 # KV cache. A plain dict pytree; its batch axis differs per leaf (beam search reorders with jnp.take):
 CACHE_BATCH_AXIS = {"k": 1, "v": 1, "mask": 0, "index": None, "pos": 0}
+
+
+@jax.custom_vjp
+def target_logits(logits: Array, targets: Array) -> Array:
+    """logits[..., targets]: the logit of each target token, for a cross-entropy. Its gradient is a compare-and-
+    select, which XLA fuses with the softmax's gradient; jax's own gradient of the gather is a scatter into a
+    zero array of the logits' shape and a copy of it (a tenth of the tiny preset's SLU step: bench.py step).
+    The same numbers either way."""
+    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def _target_logits_bwd(res, g):
+    targets, shape = res
+    vocab = jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+    return jnp.where(vocab == targets[..., None], g[..., None], 0.0), None
+
+
+target_logits.defvjp(lambda logits, targets: (target_logits(logits, targets), (targets, logits.shape)),
+                     _target_logits_bwd)
 
 
 def init_cache(config: Qwen2AudioConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:

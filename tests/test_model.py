@@ -372,6 +372,55 @@ def test_remat_policies_give_the_same_gradients_as_no_remat(models):
         qa.forward(params, CONFIG, ids, mask, feats, lengths, remat_policy="some")
 
 
+def test_answer_loss_gradients_match_torch_autograd_for_every_parameter(models):
+    # The training loss's gradient, against the reference's autograd: the audio tower's convolutions (a matmul over
+    # shifted copies here, conv1d there) and the target logit's gradient (a select here, a scatter there) included.
+    import train
+    model, params = models
+    rng = np.random.default_rng(7)
+    frames, bucket = 301, 304
+    feats = random_features(rng, 1)
+    ids = np.concatenate([make_prompt(rng, n_audio_tokens(frames)), rng.integers(0, 990, 6)])[None]
+    S = ids.shape[1]
+    answer = np.arange(S - 7, S - 1)[None]  # the positions predicting the last 6 tokens
+    mb = {"targets": jnp.asarray(np.roll(ids, -1, axis=1), jnp.int32), "answer_index": jnp.asarray(answer, jnp.int32),
+          "loss_mask": jnp.asarray((np.arange(S) >= S - 7) & (np.arange(S) < S - 1), jnp.float32)[None]}
+
+    def loss(p):
+        logits = qa.forward(p, CONFIG, jnp.asarray(ids, jnp.int32), jnp.ones(ids.shape, jnp.int32),
+                            jnp.asarray(feats[:, :, :bucket]), jnp.asarray([frames]), logits_at=mb["answer_index"])
+        return train.answer_nll(logits, mb)[0]
+
+    ours = jax.jit(jax.grad(loss))(params)
+    out = model(input_ids=torch.as_tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                input_features=torch.as_tensor(feats),
+                feature_attention_mask=torch.as_tensor((np.arange(N_FRAMES) < frames)[None].astype(np.int64)))
+    ref_loss = torch.nn.functional.cross_entropy(out.logits[0, answer[0]], torch.as_tensor(ids[0, answer[0] + 1]),
+                                                 reduction="sum")
+    # the encoder's positions are not trained there (requires_grad False), nor here (train.ALWAYS_FROZEN)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = dict(zip(trained, torch.autograd.grad(ref_loss, list(trained.values()))))
+    ref = torch_to_flax({n: grads.get(n, torch.zeros_like(p)) for n, p in model.named_parameters()}, CONFIG)
+    assert float(loss(params)) == pytest.approx(ref_loss.item(), rel=1e-5)
+    for path, g in jax.tree_util.tree_leaves_with_path(ours):
+        if jax.tree_util.keystr(path) == "['audio_tower']['embed_positions']['embedding']":
+            continue
+        r = functools.reduce(lambda node, key: node[key.key], path, ref)
+        scale = float(jnp.max(jnp.abs(r)))
+        assert scale > 0, jax.tree_util.keystr(path)  # every parameter gets a gradient from this row
+        assert float(jnp.max(jnp.abs(g - r))) <= 1e-5 * scale, jax.tree_util.keystr(path)
+
+
+def test_target_logits_and_their_gradient_equal_a_gather_bit_for_bit():
+    logits = jax.random.normal(jax.random.key(0), (3, 5, 37))
+    targets = jax.random.randint(jax.random.key(1), (3, 5), 0, 37)
+    weights = jax.random.normal(jax.random.key(2), (3, 5))
+    gather = lambda x: jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+    np.testing.assert_array_equal(qa.target_logits(logits, targets), gather(logits))
+    np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(qa.target_logits(x, targets) * weights))(logits),
+                                  jax.grad(lambda x: jnp.sum(gather(x) * weights))(logits))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------------------
