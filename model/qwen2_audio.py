@@ -125,10 +125,40 @@ class AudioEncoderLayer(nn.Module):
         return x, None
 
 
+def _conv3(x: Array, kernel: Array, stride: int) -> Array:
+    """Conv1d with kernel 3 and padding 1 (transformers' conv1 / conv2): x [B, T, in], kernel [3, in, out]."""
+    return jax.lax.conv_general_dilated(x, kernel, (stride,), ((1, 1),), dimension_numbers=("NWC", "WIO", "NWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3(x: Array, kernel: Array, stride: int) -> Array:
+    """_conv3 whose kernel gradient is one matmul over the three shifted copies of the input (im2col): XLA's CPU
+    convolution computes it an order of magnitude slower (bench.py step). The forward is XLA's convolution, so
+    inference gives the same numbers as nn.Conv."""
+    return _conv3(x, kernel, stride)
+
+
+def _conv3_fwd(x, kernel, stride):
+    return _conv3(x, kernel, stride), (x, kernel)
+
+
+def _conv3_bwd(stride, res, g):
+    x, kernel = res
+    t_out = g.shape[1]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0)))
+    # output t reads inputs t * stride - 1 .. t * stride + 1: tap j is the padded input from j, every stride-th
+    taps = [padded[:, j: j + stride * (t_out - 1) + 1: stride] for j in range(3)]
+    patches = jnp.concatenate(taps, axis=-1)  # [B, t_out, 3 * in], tap-major as the kernel
+    d_kernel = jnp.einsum("btk,bto->ko", patches, g).reshape(kernel.shape)
+    d_x = jax.vjp(lambda x: _conv3(x, kernel, stride), x)[1](g)[0]  # unused for conv1 (features): XLA drops it
+    return d_x, d_kernel
+
+
+conv3.defvjp(_conv3_fwd, _conv3_bwd)
+
+
 class Conv3(nn.Module):
-    """Conv1d(kernel 3, padding 1, stride 1 or 2) written as one matmul over the three shifted copies of the input
-    (im2col). Same parameters as nn.Conv (kernel [3, in, out], bias [out]), so checkpoints are unchanged; XLA's CPU
-    convolution computes the kernel's gradient an order of magnitude slower than this matmul does (bench.py step)."""
+    """nn.Conv(kernel_size 3, padding 1) with its parameters (kernel [3, in, out], bias [out]), computed by conv3."""
     features: int
     stride: int
     in_name: str  # the input channels' logical axis
@@ -138,17 +168,11 @@ class Conv3(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """x [B, T, in] -> [B, ceil(T / stride), out]."""
-        B, T, C = x.shape
         kernel = self.param("kernel", nn.with_logical_partitioning(INIT, ("conv_width", self.in_name, "audio_embed")),
-                            (3, C, self.features), self.param_dtype)
+                            (3, x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("audio_embed",)),
                           (self.features,), self.param_dtype)
-        padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0)))
-        t_out = (T - 1) // self.stride + 1
-        # window j of output t reads input t * stride + j - 1: tap j is the padded input from j, every stride-th
-        taps = [padded[:, j: j + self.stride * (t_out - 1) + 1: self.stride] for j in range(3)]
-        patches = jnp.concatenate(taps, axis=-1).astype(self.dtype)  # [B, t_out, 3 * in], tap-major as the kernel
-        return patches @ kernel.reshape(3 * C, self.features).astype(self.dtype) + bias.astype(self.dtype)
+        return conv3(x.astype(self.dtype), kernel.astype(self.dtype), self.stride) + bias.astype(self.dtype)
 
 
 class AudioEncoder(nn.Module):

@@ -411,6 +411,16 @@ def test_answer_loss_gradients_match_torch_autograd_for_every_parameter(models):
         assert float(jnp.max(jnp.abs(g - r))) <= 1e-5 * scale, jax.tree_util.keystr(path)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv3_is_flax_conv_bit_for_bit_so_inference_is_unchanged(stride):
+    x = jax.random.normal(jax.random.key(0), (2, 37, 11))
+    variables = qa.Conv3(5, stride, "mel").init(jax.random.key(1), x)
+    params = nn.meta.unbox(variables["params"])
+    ours = qa.Conv3(5, stride, "mel").apply({"params": params}, x)
+    np.testing.assert_array_equal(ours, nn.Conv(5, (3,), strides=(stride,), padding=((1, 1),)).apply(
+        {"params": params}, x))
+
+
 def test_target_logits_and_their_gradient_equal_a_gather_bit_for_bit():
     logits = jax.random.normal(jax.random.key(0), (3, 5, 37))
     targets = jax.random.randint(jax.random.key(1), (3, 5), 0, 37)
