@@ -373,8 +373,8 @@ def test_remat_policies_give_the_same_gradients_as_no_remat(models):
 
 
 def test_answer_loss_gradients_match_torch_autograd_for_every_parameter(models):
-    # The training loss's gradient, against the reference's autograd: the audio tower's convolutions (a matmul over
-    # shifted copies here, conv1d there) and the target logit's gradient (a select here, a scatter there) included.
+    # The training loss's gradient, against the reference's autograd: the convolutions' kernel gradients (a matmul
+    # over shifted copies here, conv1d's backward there) and the target logit's (a select here, a scatter there).
     import train
     model, params = models
     rng = np.random.default_rng(7)
