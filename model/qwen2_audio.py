@@ -150,7 +150,8 @@ def _conv3_bwd(stride, res, g):
     taps = [padded[:, j: j + stride * (t_out - 1) + 1: stride] for j in range(3)]
     patches = jnp.concatenate(taps, axis=-1)  # [B, t_out, 3 * in], tap-major as the kernel
     d_kernel = jnp.einsum("btk,bto->ko", patches, g).reshape(kernel.shape)
-    d_x = jax.vjp(lambda x: _conv3(x, kernel, stride), x)[1](g)[0]  # unused for conv1 (features): XLA drops it
+    # the convolution is linear in x: its transpose, with no forward pass traced (unused for conv1: XLA drops it)
+    d_x = jax.linear_transpose(lambda x: _conv3(x, kernel, stride), x)(g)[0]
     return d_x, d_kernel
 
 
