@@ -67,7 +67,8 @@ DEMO_GLOBAL_BATCH = 16    # a preset (the demo): 2 rows x 8 accumulation steps o
 RESUMABLE = ("max_steps", "save_every", "keep_checkpoints", "eval_max_rows", "eval_max_new_tokens", "dev_manifest",
              "export", "export_dtype", "keep_optimizer_state", "progress", "per_device_batch", "grad_accum",
              "data_parallel", "fsdp", "tensor_parallel", "run_dir", "plan_only", "compilation_cache", "aot_topology",
-             "aot_seq_len", "aot_audio_seconds")
+             "aot_seq_len", "aot_audio_seconds",
+             "dtype")  # as written ('auto'); result_settings compares what it resolves to (compute_dtype)
 
 
 class InputError(ValueError):
@@ -1318,7 +1319,9 @@ LATER_SETTINGS = {"distill_weight": 0.0, "distill_teacher": "self", "distill_tem
 
 
 def refuse_other_settings(what: str, old: dict, new: dict, model_dir: str) -> None:
-    old = {**{k: v for k, v in LATER_SETTINGS.items() if k in new}, **old}
+    # an older train.py also recorded some of RESUMABLE (--dtype as written): they do not change the result
+    old = {**{k: v for k, v in LATER_SETTINGS.items() if k in new}, **{k: v for k, v in old.items()
+                                                                         if k not in RESUMABLE}}
     if str(old.get("model")).startswith("/") and old["model"] == os.path.abspath(model_dir):
         # recorded by a train.py that named a model directory by its absolute path, not its contents
         print(f"train.py: note: {what} records its model by path ({old['model']}), not by contents; taken to be "

@@ -287,6 +287,23 @@ def test_a_run_is_tied_to_its_models_contents_not_its_path(setup, tmp_path):
         run({**setup, "model": first}, tmp_path / "r", *flags)
 
 
+def test_a_run_is_tied_to_the_dtype_it_computed_in_not_to_how_dtype_was_written(setup, tmp_path):
+    # on a CPU --dtype auto is float32: a finished float32 run is the same run; bfloat16 is another computation
+    flags = ("--scheme", "text-only", "--epochs", "1", "--global-batch", "16", "--per-device-batch", "16",
+             "--fsdp", "1")
+    assert run(setup, tmp_path / "r", *flags, "--dtype", "float32")["finished"]
+    assert run(setup, tmp_path / "r", *flags, "--dtype", "auto")["already_finished"]
+    with pytest.raises(train.InputError, match=r"compute dtype \(--dtype on this backend\) 'float32' -> 'bfloat16'"):
+        run(setup, tmp_path / "r", *flags, "--dtype", "bfloat16")
+
+
+def test_a_run_recorded_with_dtype_as_written_by_an_older_train_py_still_matches():
+    old = {"dtype": "float32", "compute_dtype": "float32", "epochs": 1}
+    train.refuse_other_settings("RUN", old, {"compute_dtype": "float32", "epochs": 1}, "unused")
+    with pytest.raises(train.InputError, match=r"compute dtype \(--dtype on this backend\) 'float32' -> 'bfloat16'"):
+        train.refuse_other_settings("RUN", old, {"compute_dtype": "bfloat16", "epochs": 1}, "unused")
+
+
 def test_a_run_recorded_with_its_models_path_by_an_older_train_py_still_matches_that_path(tmp_path, capsys):
     old, new = {"model": str(tmp_path), "epochs": 1}, {"model": "sha256:0123", "epochs": 1}
     train.refuse_other_settings("RUN", dict(old), new, str(tmp_path))  # the same directory: taken as it is now
