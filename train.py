@@ -1320,8 +1320,8 @@ LATER_SETTINGS = {"distill_weight": 0.0, "distill_teacher": "self", "distill_tem
 
 def refuse_other_settings(what: str, old: dict, new: dict, model_dir: str) -> None:
     # an older train.py also recorded some of RESUMABLE (--dtype as written): they do not change the result
-    old = {**{k: v for k, v in LATER_SETTINGS.items() if k in new}, **{k: v for k, v in old.items()
-                                                                         if k not in RESUMABLE}}
+    recorded = {k: v for k, v in old.items() if k not in RESUMABLE}
+    old = {**{k: v for k, v in LATER_SETTINGS.items() if k in new}, **recorded}
     if str(old.get("model")).startswith("/") and old["model"] == os.path.abspath(model_dir):
         # recorded by a train.py that named a model directory by its absolute path, not its contents
         print(f"train.py: note: {what} records its model by path ({old['model']}), not by contents; taken to be "
