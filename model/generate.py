@@ -37,7 +37,6 @@ NEG_INF = -1.0e9  # transformers' "impossible" score; the same constant keeps ti
 class Generated(NamedTuple):
     tokens: jax.Array   # [B, max_new_tokens] int32: the new tokens, eos included, then pad_id
     lengths: jax.Array  # [B] int32: how many of them are real (eos included)
-    scores: jax.Array   # [B] float32: greedy: sum of log-probs; beam: the length-penalised hypothesis score
 
 
 def _is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
@@ -66,7 +65,6 @@ class _GreedyState(NamedTuple):
     step: jax.Array       # number of tokens generated so far
     tokens: jax.Array     # [B, N]
     lengths: jax.Array    # [B]
-    scores: jax.Array     # [B]
     finished: jax.Array   # [B] bool
     cache: object
 
@@ -82,13 +80,11 @@ def greedy_search(params, config, input_ids, attention_mask, input_features=None
 
     def pick(state: _GreedyState, logits: jax.Array) -> _GreedyState:
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
         live = ~state.finished
         token = jnp.where(live, token, pad_id)
         tokens = state.tokens.at[:, state.step].set(token)
         return _GreedyState(step=state.step + 1, tokens=tokens,
                             lengths=state.lengths + live.astype(jnp.int32),
-                            scores=state.scores + jnp.where(live, logprob, 0.0),
                             finished=state.finished | _is_eos(token, eos_ids), cache=state.cache)
 
     def body(state: _GreedyState) -> _GreedyState:
@@ -100,10 +96,10 @@ def greedy_search(params, config, input_ids, attention_mask, input_features=None
         return (state.step < max_new_tokens) & ~jnp.all(state.finished)
 
     state = _GreedyState(step=jnp.int32(0), tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-                         lengths=jnp.zeros((batch,), jnp.int32), scores=jnp.zeros((batch,), jnp.float32),
+                         lengths=jnp.zeros((batch,), jnp.int32),
                          finished=jnp.zeros((batch,), bool), cache=cache)
     state = jax.lax.while_loop(running, body, pick(state, logits))
-    return Generated(tokens=state.tokens, lengths=state.lengths, scores=state.scores)
+    return Generated(tokens=state.tokens, lengths=state.lengths)
 
 
 # ---- beam search ------------------------------------------------------------------------------------------------
@@ -259,4 +255,4 @@ def beam_search(params, config, input_ids, attention_mask, input_features=None, 
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     first = jnp.broadcast_to(logprobs[:, None, :], (batch, k, logprobs.shape[-1]))
     state = jax.lax.while_loop(running, body, step_fn(state, first))
-    return Generated(tokens=state.fin_tokens[:, 0], lengths=state.fin_lengths[:, 0], scores=state.fin_scores[:, 0])
+    return Generated(tokens=state.fin_tokens[:, 0], lengths=state.fin_lengths[:, 0])
