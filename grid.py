@@ -38,9 +38,13 @@ interrupted grid without redoing finished runs. A cell made by OTHER commands (o
 model, --max-steps, test set, a training manifest or --model / --gap-reference directory whose content changed since:
 train_command.json holds the sha256 of each, and a record from before those hashes is reused on its command with a
 note) or by an older grid.py / train.py that recorded nothing is never reused: the grid refuses before running
-anything, naming each difference, and `--redo-changed` deletes those cells' run/ or pred.jsonl and redoes them. A
-run stopped by --max-steps counts as trained only for a command with that same --max-steps (a smoke grid); the real
-command differs from it and so redoes it.
+anything, naming each difference, and `--redo-changed` deletes those cells' run/ or pred.jsonl and redoes them.
+infer_command.json also holds the hashes of what the cell's model was trained from, so a pred.jsonl whose run/ was
+deleted to save disk is still checked. A run stopped by --max-steps counts as trained only for a command with that
+same --max-steps (a smoke grid); the real command differs from it and so redoes it. report.py scores every
+pred.jsonl in GRID: a grid may grow by later commands (another fraction, more schemes or seeds), but a cell there
+that the command does not list and would make differently (other beams, epochs, data, ...) is refused, even with
+--redo-changed, since that command would not redo it.
 
 Cross-lingual settings (paper Fig. 2 / Table 3), --setting NAME. Source: Speech-MASSIVE fr-FR prepared with
 `prepare.py speech-massive --locales fr-FR --out SRC`; targets: Speech-MASSIVE few-shot, `prepare.py speech-massive
@@ -90,7 +94,8 @@ from model.answer import MAX_NEW_TOKENS
 from model.checkpoint import TRAINING_RUN_FILE
 from model.config import resolve_model
 from model.manifest import ManifestError, atomic_write_text, jsonl_text, read_manifest, write_manifest
-from report import fraction_name  # the directory names report.py parses: p0, p0.02, p1
+from report import FRACTION_DIR, SEED_DIR, fraction_name  # the directory names report.py parses: p0.02, seed1
+from report import SCHEMES as LAYOUT_SCHEMES  # its scheme folders: the schemes, their variants and oracle
 from train import SCHEMES, VARIANT_SCHEMES, VARIANTS, file_digest, model_digest
 
 REPO = Path(__file__).resolve().parent
@@ -419,12 +424,17 @@ def train_record(args, cell: Cell, grid: Path) -> dict:
 
 
 def infer_record(args, cell: Cell, grid: Path, test_hash: str) -> dict:
-    return {"train": portable(train_command(args, cell.model_cell(), grid), grid),
-            "infer": portable(infer_command(args, cell, grid), grid), "test_speech_sha256": test_hash}
+    """The commands that make cell's pred.jsonl, the hashes of what its model was trained from (they hold when
+    run/ has been deleted to save disk) and the test set's hash."""
+    trained_from = train_record(args, cell.model_cell(), grid)
+    return {"train": trained_from["train"], "infer": portable(infer_command(args, cell, grid), grid),
+            "train_data_sha256": trained_from["train_data_sha256"], "model_sha256": trained_from["model_sha256"],
+            "test_speech_sha256": test_hash}
 
 
 def stale_prediction(args, cell: Cell, grid: Path, test_hash: str) -> str | None:
-    """Why cell's pred.jsonl cannot be reused: made by another model training, decoding or test set."""
+    """Why cell's pred.jsonl cannot be reused: made by another model training (its command, data or --model),
+    decoding or test set."""
     pred = cell.dir(grid) / "pred.jsonl"
     if not pred.is_file():
         return None
@@ -434,13 +444,46 @@ def stale_prediction(args, cell: Cell, grid: Path, test_hash: str) -> str | None
     want = infer_record(args, cell, grid, test_hash)
     changed = ([f"model training: {d}" for d in differences(record["train"], want["train"])]
                + [f"decoding: {d}" for d in differences(record["infer"], want["infer"])])
+    for key, what in (("train_data_sha256", "training data"), ("model_sha256", "--model")):
+        if key not in record:  # a grid.py before these hashes: run/, if kept, has them (stale_training)
+            if not (cell.model_cell().dir(grid) / "run").exists():
+                print(f"grid.py: note: {cell.dir(grid) / INFER_RECORD} holds no hash of its model's {what} (an "
+                      f"older grid.py), and run/ is gone; reused on its commands alone", file=sys.stderr)
+        elif record[key] != want[key]:
+            changed.append(f"its model's {what} changed since: {', '.join(changed_keys(record[key], want[key]))}")
     if record.get("test_speech_sha256") != test_hash:
         changed.append(f"the test set {grid / 'test_speech.jsonl'} changed")
     return f"{pred}: made with other settings: {'; '.join(changed)}" if changed else None
 
 
+def cells_on_disk(grid: Path) -> list[Cell]:
+    """The cells of the grid directory with a pred.jsonl: what report.py scores, listed by this command or not."""
+    found = []
+    for pred in sorted(grid.glob("*/*/*/pred.jsonl")):
+        seed_dir, fraction_dir, scheme_dir = pred.parent, pred.parent.parent, pred.parent.parent.parent
+        fraction, seed = FRACTION_DIR.fullmatch(fraction_dir.name), SEED_DIR.fullmatch(seed_dir.name)
+        if scheme_dir.name in LAYOUT_SCHEMES and fraction and seed:
+            found.append(Cell(scheme_dir.name, float(fraction[1]), int(seed[1])))
+    return found
+
+
+def foreign_cells(args, grid: Path, test_hash: str) -> list[str]:
+    """Why, for each cell this command does not list but whose pred.jsonl its report would score with its own,
+    that cell differs from what this command would make of it (a grid grown by later commands, e.g. more
+    schemes at one fraction, is fine; one made with other beams, epochs or data is not)."""
+    listed = set(cells(args))
+    out = []
+    for cell in cells_on_disk(grid):
+        if cell not in listed:
+            why = stale_training(args, cell.model_cell(), grid) or stale_prediction(args, cell, grid, test_hash)
+            if why:
+                out.append(why)
+    return out
+
+
 def stale_cells(args, grid: Path, test_hash: str) -> list[tuple[Path, str]]:
-    """(path to delete to redo it, why) for every run/ and pred.jsonl of the grid this command would not reuse."""
+    """(path to delete to redo it, why) for every run/ and pred.jsonl of this command's cells that it would not
+    reuse."""
     out, retrained = [], set()
     for cell in cells(args):
         if cell.scheme != "oracle":
@@ -500,6 +543,14 @@ def redo(stale: list[tuple[Path, str]]) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def refuse_foreign(foreign: list[str]) -> GridError:
+    shown = [f"  {why}" for why in foreign[:10]] + ([f"  ... and {len(foreign) - 10} more"] if len(foreign) > 10 else [])
+    return GridError(f"{len(foreign)} finished part(s) of the grid are not among this command's cells, yet its "
+                     f"report would score them with its results, and they were made by other commands:\n"
+                     + "\n".join(shown) + "\nDelete those cells, add them to this command (--schemes, --fractions, "
+                     "--seeds, --oracle) to redo them with --redo-changed, or use another --grid.")
 
 
 def refuse(stale: list[tuple[Path, str]]) -> GridError:
@@ -680,6 +731,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Every grid's cells are checked before anything runs: a refusal comes first, not hours in.
         directory_hash.cache_clear()  # the models as they are at this run's start
         hashes = [test_speech_hash(sub) for sub in grids]
+        foreign = [w for sub, h in zip(grids, hashes) for w in foreign_cells(sub, Path(sub.grid), h)]
+        if foreign:
+            raise refuse_foreign(foreign)
         stale = [s for sub, h in zip(grids, hashes) for s in stale_cells(sub, Path(sub.grid), h)]
         if stale and not args.redo_changed:
             raise refuse(stale)

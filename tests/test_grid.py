@@ -13,6 +13,7 @@ import csv
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -473,7 +474,7 @@ def test_a_changed_training_manifest_refuses_its_trainings_and_their_predictions
     assert fake.run() == 2
     err = capsys.readouterr().err
     assert err.count("its training data changed since it was trained") == 2  # text-only and direct
-    assert err.count("which is not reused") == 3  # their decodings and the oracle's
+    assert err.count("its model's training data changed since") == 3  # their decodings and the oracle's
     assert fake.calls == []  # refused before running anything
     assert fake.run("--redo-changed") == 0 and [s for s, _ in _ran(fake.calls)].count("train.py") == 2
 
@@ -501,11 +502,44 @@ def test_a_changed_model_directory_refuses_its_trainings_and_their_predictions(t
         flag = "--model" if changed == model else "--gap-reference"
         assert capsys.readouterr().err.count(f"its {flag} {changed} changed since it was trained") == 2
         (changed / "model.safetensors").write_bytes(b"weights one")
-    for record in (tmp_path / "g").rglob(grid.TRAIN_RECORD):  # as an older grid.py wrote them: no model hash
-        record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "model_sha256"}))
+    for name in (grid.TRAIN_RECORD, grid.INFER_RECORD):  # as an older grid.py wrote them: no model hash
+        for record in (tmp_path / "g").rglob(name):
+            record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items()
+                                          if k != "model_sha256"}))
     (model / "model.safetensors").write_bytes(b"weights two")
     assert grid.main(argv) == 0  # reused on the command alone, and said so
     assert capsys.readouterr().err.count("holds no hash of its --model (an older grid.py)") == 2
+
+
+def test_a_prediction_whose_run_was_deleted_is_refused_when_its_training_data_changed(fake, capsys):
+    # run/ deleted to save disk: the decoding's own record still knows what its model was trained from
+    shutil.rmtree(fake.grid / "direct/p0.5/seed0/run")
+    rows = read_manifest(fake.corpus / "train.jsonl")
+    write_manifest(fake.corpus / "train.jsonl", [{**rows[0], "action": "other"}] + rows[1:])
+    capsys.readouterr()
+    assert fake.run() == 2
+    err = capsys.readouterr().err
+    assert f"direct/p0.5/seed0/pred.jsonl: made with other settings: its model's training data changed" in err
+
+
+def test_cells_outside_the_command_made_with_other_settings_are_refused_as_the_report_would_score_them(fake, capsys):
+    # seed 0 was decoded with 3 beams; a command for seed 1 with 1 beam would report both seeds as one cell
+    capsys.readouterr()
+    assert fake.run("--seeds", "1", "--num-beams", "1") == 2
+    err = capsys.readouterr().err
+    assert "3 finished part(s) of the grid are not among this command's cells" in err
+    assert err.count("decoding: --num-beams 3 -> 1") == 3 and "seed0" in err and "seed1" not in err
+    assert fake.calls == []
+    assert fake.run("--seeds", "1", "--num-beams", "1", "--redo-changed") == 2  # not this command's to redo
+
+
+def test_a_grid_grown_by_a_command_for_another_fraction_keeps_the_earlier_cells(fake):
+    assert fake.run("--schemes", "text-only", "direct", "curriculum", "--fractions", "0.25") == 0
+    assert _ran(fake.calls) == [("train.py", str(fake.grid / "direct/p0.25/seed0/run")),
+                                ("infer.py", str(fake.grid / "direct/p0.25/seed0/pred.jsonl")),
+                                ("train.py", str(fake.grid / "curriculum/p0.25/seed0/run")),
+                                ("infer.py", str(fake.grid / "curriculum/p0.25/seed0/pred.jsonl"))]
+    assert (fake.grid / "direct/p0.5/seed0/pred.jsonl").is_file()
 
 
 def test_a_moved_grid_is_the_same_grid(fake):
