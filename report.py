@@ -151,14 +151,16 @@ def fraction_label(fraction: float) -> str:
 # Scoring and the cells of the tables.
 
 def score_grid(gold_rows: Sequence[dict], runs: dict[Cell, list[tuple[str, Path]]], gold_path: str | Path,
-               by: str | None = None) -> dict[Cell, dict]:
-    """score.evaluate of every cell's seeds: {(scheme, fraction): result}."""
+               by: str | None = None) -> tuple[dict[Cell, dict], list[str]]:
+    """score.evaluate of every cell's seeds: ({(scheme, fraction): result}, a warning per prediction file that
+    lacks gold rows)."""
     ids = {row["id"] for row in gold_rows}
-    results = {}
+    results, warnings = {}, []
     for cell, seeds in runs.items():
         preds = [score.load_predictions(path, ids, gold_path) for _, path in seeds]
+        warnings += filter(None, (score.missing_rows_warning(path, p, gold_rows) for (_, path), p in zip(seeds, preds)))
         results[cell] = score.evaluate(gold_rows, preds, by)
-    return results
+    return results, warnings
 
 
 def groups_of(results: dict[Cell, dict], by: str | None) -> list[tuple[str, str | None]]:
@@ -371,7 +373,8 @@ def report(grid: str | Path, gold: str | Path, out: str | Path, by: str | None =
     for seeds in runs.values():
         score.check_distinct_runs([path for _, path in seeds])
     gold_rows = score.load_gold(gold, by)
-    results = score_grid(gold_rows, runs, gold, by)
+    results, missing = score_grid(gold_rows, runs, gold, by)
+    warnings += missing
     if not any(cell[0] == REFERENCE for cell in results):
         warnings.append(f"--grid {grid}: no {REFERENCE} runs, so no relative improvements"
                         + (" and no daggers" if dagger_against == REFERENCE else ""))

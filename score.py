@@ -379,6 +379,15 @@ def format_comparison(a: dict, b: dict, name_a: str, name_b: str) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)).rstrip() for line in [header] + rows)
 
 
+def missing_rows_warning(path: str | Path, preds: dict[str, dict], gold_rows: Sequence[dict]) -> str | None:
+    """What to say of a prediction file that lacks some gold rows (they score as wrong), or None."""
+    missing = [row["id"] for row in gold_rows if row["id"] not in preds]
+    if not missing:
+        return None
+    shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+    return f"{path}: {len(missing)} of {len(gold_rows)} gold rows have no prediction, scored as wrong: {shown}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -399,23 +408,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_distinct_runs(seeds)
         gold = load_gold(args.gold, args.by)
         ids = {row["id"] for row in gold}
-        load = lambda paths: [load_predictions(p, ids, args.gold) for p in paths]  # noqa: E731
+        paths = args.pred + args.compare + args.against
+        runs = dict(zip(paths, (load_predictions(p, ids, args.gold) for p in paths)))
         if args.pred:
-            runs = load(args.pred)
-            result = evaluate(gold, runs, args.by)
+            result = evaluate(gold, [runs[p] for p in args.pred], args.by)
         else:
-            a, b = evaluate(gold, load(args.compare), args.by), evaluate(gold, load(args.against), args.by)
+            a = evaluate(gold, [runs[p] for p in args.compare], args.by)
+            b = evaluate(gold, [runs[p] for p in args.against], args.by)
     except (OSError, ValueError) as e:
         print(f"score.py: error: {e}", file=sys.stderr)
         return 2
 
+    for path, preds in runs.items():
+        warning = missing_rows_warning(path, preds, gold)
+        if warning:
+            print(f"score.py: warning: {warning}", file=sys.stderr)
     if args.pred:
-        for path, preds in zip(args.pred, runs):
-            missing = [row["id"] for row in gold if row["id"] not in preds]
-            if missing:
-                shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
-                print(f"score.py: {path}: {len(missing)} gold rows have no prediction, scored as wrong: {shown}",
-                      file=sys.stderr)
         print(json.dumps(result, ensure_ascii=False) if args.json else format_table(result, args.by))
         return 0
 

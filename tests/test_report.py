@@ -381,6 +381,23 @@ def test_a_prediction_id_not_in_the_gold_file_is_an_error_naming_file_and_line(t
     assert f"{pred_path}:4: id 'nope' is not in" in capsys.readouterr().err
 
 
+def test_a_prediction_file_lacking_gold_rows_is_a_warning_naming_it_and_the_count(tmp_path, capsys):
+    # Scored as wrong, as score.py scores them; but scoring against the wrong gold file (all rows, not the speech
+    # rows) must not pass for a weaker model without a word.
+    gold = _gold_rows()
+    _write_jsonl(tmp_path / "test.jsonl", gold)
+    for seed in (0, 1):
+        _write_jsonl(tmp_path / "g" / "direct" / "p0.02" / f"seed{seed}" / "pred.jsonl",
+                     [{**row, "generated": str(seed)} for row in _predictions(gold, 20)[:N_ROWS - 3 * seed]])
+    assert report.main(["--grid", str(tmp_path / "g"), "--gold", str(tmp_path / "test.jsonl"),
+                        "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"direct/p0.02/seed1/pred.jsonl: 3 of {N_ROWS} gold rows have no prediction, scored as wrong" in err
+    assert "seed0/pred.jsonl: " not in err
+    summary = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    assert any("seed1/pred.jsonl: 3 of" in w for w in summary["warnings"])
+
+
 @pytest.mark.parametrize("how", ["copied file", "linked seed dir"])
 def test_two_seed_dirs_with_the_same_predictions_are_an_error_naming_both(tmp_path, capsys, how):
     # Counted as two seeds, one run would look like perfect agreement: an interval of +-0 that can earn a dagger.

@@ -288,6 +288,17 @@ def test_cli_compare_puts_the_dagger_on_the_better_system_only_where_intervals_d
         assert not any(dagger[worse].values())  # the worse system never gets a dagger
 
 
+def test_cli_compare_warns_of_a_seed_file_lacking_gold_rows_as_pred_does(tmp_path):
+    gold = _write(tmp_path / "gold.jsonl", GOLD)
+    right = [_pred(i, g["scenario"], g["action"], []) for i, g in enumerate(GOLD)]
+    full = _seed_files(tmp_path, "full", right)
+    short = _seed_files(tmp_path, "short", right[:-1])
+    proc = _run("--gold", gold, "--compare", *full, "--against", *short)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("gold rows have no prediction, scored as wrong") == 2
+    assert f"{short[1]}: 1 of {len(GOLD)} gold rows have no prediction" in proc.stderr
+
+
 def test_cli_unknown_id_exits_with_error_naming_the_file_and_id(tmp_path):
     gold = _write(tmp_path / "gold.jsonl", GOLD)
     pred = _write(tmp_path / "pred.jsonl", PRED + [_pred(99, "alarm", "set", [])])
