@@ -49,6 +49,7 @@ import numpy as np
 from scipy import stats
 
 from model.manifest import iter_jsonl
+from model.processor import AUDIO_TOKEN
 
 METRICS = ("scenario_acc", "action_acc", "intent_acc", "entity_f1", "word_f1", "char_f1", "slu_f1")
 COUNTS = ("n", "missing", "parse_errors")
@@ -388,6 +389,18 @@ def missing_rows_warning(path: str | Path, preds: dict[str, dict], gold_rows: Se
     return f"{path}: {len(missing)} of {len(gold_rows)} gold rows have no prediction, scored as wrong: {shown}"
 
 
+def mixed_input_warning(path: str | Path, preds: dict[str, dict]) -> str | None:
+    """What to say of a prediction file in which infer.py decoded some rows from speech and others from their
+    transcripts (a manifest with both kinds of row): one score would mix speech input with the oracle's."""
+    prompts = [pred["prompt"] for pred in preds.values() if isinstance(pred.get("prompt"), str)]
+    n_speech = sum(AUDIO_TOKEN in prompt for prompt in prompts)
+    if not 0 < n_speech < len(prompts):
+        return None
+    return (f"{path}: {n_speech} rows were decoded from speech and {len(prompts) - n_speech} from transcripts, and "
+            f"every score mixes them (the paper scores speech input: score against the speech rows alone, as "
+            f"grid.py's GRID/test_speech.jsonl holds them)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -420,9 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     for path, preds in runs.items():
-        warning = missing_rows_warning(path, preds, gold)
-        if warning:
-            print(f"score.py: warning: {warning}", file=sys.stderr)
+        for warning in (missing_rows_warning(path, preds, gold), mixed_input_warning(path, preds)):
+            if warning:
+                print(f"score.py: warning: {warning}", file=sys.stderr)
     if args.pred:
         print(json.dumps(result, ensure_ascii=False) if args.json else format_table(result, args.by))
         return 0

@@ -299,6 +299,18 @@ def test_cli_compare_warns_of_a_seed_file_lacking_gold_rows_as_pred_does(tmp_pat
     assert f"{short[1]}: 1 of {len(GOLD)} gold rows have no prediction" in proc.stderr
 
 
+def test_cli_warns_when_one_file_mixes_answers_to_speech_and_to_transcripts(tmp_path):
+    # infer.py on a manifest with both kinds of row decodes the transcript rows from text: the oracle's input
+    gold = _write(tmp_path / "gold.jsonl", GOLD)
+    speech, text = "<|audio_bos|><|AUDIO|><|audio_eos|>", "set an alarm"
+    mixed = _write(tmp_path / "mixed.jsonl", [{**row, "prompt": speech if i else text} for i, row in enumerate(PRED)])
+    only_speech = _write(tmp_path / "speech.jsonl", [{**row, "prompt": speech} for row in PRED])
+    proc = _run("--gold", gold, "--pred", mixed, only_speech)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{mixed}: 2 rows were decoded from speech and 1 from transcripts" in proc.stderr
+    assert proc.stderr.count("rows were decoded from speech") == 1  # not for the speech-only file
+
+
 def test_cli_unknown_id_exits_with_error_naming_the_file_and_id(tmp_path):
     gold = _write(tmp_path / "gold.jsonl", GOLD)
     pred = _write(tmp_path / "pred.jsonl", PRED + [_pred(99, "alarm", "set", [])])
