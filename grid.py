@@ -545,18 +545,22 @@ def redo(stale: list[tuple[Path, str]]) -> None:
             path.unlink()
 
 
+def listing(whys: list[str]) -> str:
+    """The first 10 reasons, one per line, and how many more."""
+    more = [f"  ... and {len(whys) - 10} more"] if len(whys) > 10 else []
+    return "\n".join([f"  {why}" for why in whys[:10]] + more)
+
+
 def refuse_foreign(foreign: list[str]) -> GridError:
-    shown = [f"  {why}" for why in foreign[:10]] + ([f"  ... and {len(foreign) - 10} more"] if len(foreign) > 10 else [])
     return GridError(f"{len(foreign)} finished part(s) of the grid are not among this command's cells, yet its "
                      f"report would score them with its results, and they were made by other commands:\n"
-                     + "\n".join(shown) + "\nDelete those cells, add them to this command (--schemes, --fractions, "
+                     + listing(foreign) + "\nDelete those cells, add them to this command (--schemes, --fractions, "
                      "--seeds, --oracle) to redo them with --redo-changed, or use another --grid.")
 
 
 def refuse(stale: list[tuple[Path, str]]) -> GridError:
-    shown = [f"  {why}" for _, why in stale[:10]] + ([f"  ... and {len(stale) - 10} more"] if len(stale) > 10 else [])
     return GridError(f"{len(stale)} finished part(s) of the grid were made by other commands than this one, and "
-                     f"would be reused as if they were its results:\n" + "\n".join(shown) + "\n"
+                     f"would be reused as if they were its results:\n" + listing([why for _, why in stale]) + "\n"
                      "Rerun with --redo-changed to delete and redo them, rerun the original command, or use "
                      "another --grid.")
 
