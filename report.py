@@ -153,12 +153,14 @@ def fraction_label(fraction: float) -> str:
 def score_grid(gold_rows: Sequence[dict], runs: dict[Cell, list[tuple[str, Path]]], gold_path: str | Path,
                by: str | None = None) -> tuple[dict[Cell, dict], list[str]]:
     """score.evaluate of every cell's seeds: ({(scheme, fraction): result}, a warning per prediction file that
-    lacks gold rows)."""
+    lacks gold rows or mixes answers to speech and to transcripts)."""
     ids = {row["id"] for row in gold_rows}
     results, warnings = {}, []
     for cell, seeds in runs.items():
         preds = [score.load_predictions(path, ids, gold_path) for _, path in seeds]
-        warnings += filter(None, (score.missing_rows_warning(path, p, gold_rows) for (_, path), p in zip(seeds, preds)))
+        for (_, path), run in zip(seeds, preds):
+            warnings += filter(None, (score.missing_rows_warning(path, run, gold_rows),
+                                      score.mixed_input_warning(path, run)))
         results[cell] = score.evaluate(gold_rows, preds, by)
     return results, warnings
 

@@ -381,18 +381,25 @@ def test_a_prediction_id_not_in_the_gold_file_is_an_error_naming_file_and_line(t
     assert f"{pred_path}:4: id 'nope' is not in" in capsys.readouterr().err
 
 
-def test_a_prediction_file_lacking_gold_rows_is_a_warning_naming_it_and_the_count(tmp_path, capsys):
-    # Scored as wrong, as score.py scores them; but scoring against the wrong gold file (all rows, not the speech
-    # rows) must not pass for a weaker model without a word.
+def test_prediction_files_lacking_gold_rows_or_mixing_speech_and_text_answers_are_warnings_naming_them(tmp_path,
+                                                                                                     capsys):
+    # Scored as they are, as score.py scores them; but scoring against the wrong gold file (all rows, not the
+    # speech rows) must not pass for a weaker or a stronger model without a word.
     gold = _gold_rows()
     _write_jsonl(tmp_path / "test.jsonl", gold)
-    for seed in (0, 1):
-        _write_jsonl(tmp_path / "g" / "direct" / "p0.02" / f"seed{seed}" / "pred.jsonl",
-                     [{**row, "generated": str(seed)} for row in _predictions(gold, 20)[:N_ROWS - 3 * seed]])
+    speech = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+    for seed in (0, 1, 2):
+        rows = [{**row, "generated": str(seed), "prompt": speech} for row in _predictions(gold, 20)]
+        if seed == 1:
+            rows = rows[:N_ROWS - 3]
+        if seed == 2:
+            rows[0]["prompt"] = gold[0]["text"]
+        _write_jsonl(tmp_path / "g" / "direct" / "p0.02" / f"seed{seed}" / "pred.jsonl", rows)
     assert report.main(["--grid", str(tmp_path / "g"), "--gold", str(tmp_path / "test.jsonl"),
                         "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert f"direct/p0.02/seed1/pred.jsonl: 3 of {N_ROWS} gold rows have no prediction, scored as wrong" in err
+    assert f"direct/p0.02/seed2/pred.jsonl: {N_ROWS - 1} rows were decoded from speech and 1 from transcripts" in err
     assert "seed0/pred.jsonl: " not in err
     summary = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
     assert any("seed1/pred.jsonl: 3 of" in w for w in summary["warnings"])
