@@ -719,46 +719,78 @@ def speak(text: str, voice: str, speed: int, sample_rate: int) -> np.ndarray:
     return x[max(loud[0] - pad, 0):loud[-1] + pad] if len(loud) else x
 
 
+def draw_fillings(templates: list[str], values: dict, rng: random.Random, want: int,
+                  taken: frozenset[str] | set[str] = frozenset()) -> dict[str, list[dict]]:
+    """Up to `want` distinct fillings of the templates (text -> its entities in utterance order) whose text is
+    not in `taken`, by rejection sampling (50 tries per filling wanted): a random template, then a random value
+    for each of its slots."""
+    texts: dict[str, list[dict]] = {}
+    for _ in range(want * 50):
+        if len(texts) == want:
+            break
+        template = rng.choice(templates)
+        filled = {name: rng.choice(values[name]) for name in re.findall(r"\{(\w+)\}", template)}
+        text = template.format(**filled)
+        order = sorted(filled, key=lambda name: template.index("{" + name + "}"))
+        if text not in taken:
+            texts.setdefault(text, [{"type": name, "filler": filled[name]} for name in order])
+    return texts
+
+
+def speak_utterance(rows: list[dict], utt: dict, voices: list[str], spec: dict, rng: random.Random,
+                    out_dir: Path) -> None:
+    """Append the transcript row `utt` and one speech row per voice (a random speed each) to `rows`,
+    writing each recording into out_dir/audio."""
+    rows.append(utt)
+    for voice in voices:
+        speed = rng.choice(spec["speeds"])
+        name = f"{utt['id']}-{voice.replace('+', '_')}-{speed}.ogg"
+        x = speak(utt["text"], voice, speed, spec["sample_rate"])
+        # Lowest Vorbis quality: plenty for 16 kHz synthetic speech, keeps the folder small.
+        sf.write(out_dir / "audio" / name, x, spec["sample_rate"], format="OGG", subtype="VORBIS",
+                 compression_level=1.0)
+        rows.append({**utt, "id": name, "audio": f"audio/{name}", "utt_id": utt["id"], "voice": voice,
+                     "speed": speed})
+
+
 def build_demo(templates_path: Path, out_dir: Path) -> dict[str, list[dict]]:
     """Fill the templates (seeded), split per (language, intent) so devel/test texts never occur in
-    train, speak each utterance with espeak-ng, and write audio/ and {split}.jsonl into out_dir."""
+    train, speak each utterance with espeak-ng, and write audio/ and {split}.jsonl into out_dir.
+    Then `extra_test` adds test utterances drawn with their own seed among the fillings not yet used,
+    so that the first draw (every train and devel row) stays what it was."""
     spec = json.loads(templates_path.read_text(encoding="utf-8"))
     rng = random.Random(spec["seed"])
     per_intent, heldout = spec["utterances_per_intent"], spec["heldout_per_intent"]
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     (out_dir / "audio").mkdir(parents=True)
+    count = {lang: 0 for lang in spec["languages"]}
+
+    def utterance(lang: str, intent: str, text: str, entities: list[dict]) -> dict:
+        count[lang] += 1
+        scenario, action = intent.split("_", 1)
+        return {"id": f"demo-{lang}-{count[lang]:04d}", "audio": None, "lang": lang, "text": text,
+                "scenario": scenario, "action": action, "entities": entities, "corpus": "demo"}
+
     for lang, lspec in spec["languages"].items():
-        n = 0
         for intent, templates in lspec["templates"].items():
-            scenario, action = intent.split("_", 1)
-            texts: dict[str, list[dict]] = {}
-            for _ in range(per_intent * 50):  # rejection sampling of distinct fillings
-                if len(texts) == per_intent:
-                    break
-                template = rng.choice(templates)
-                values = {name: rng.choice(lspec["values"][name]) for name in re.findall(r"\{(\w+)\}", template)}
-                text = template.format(**values)
-                order = sorted(values, key=lambda name: template.index("{" + name + "}"))
-                texts.setdefault(text, [{"type": name, "filler": values[name]} for name in order])
-            items = list(texts.items())
+            items = list(draw_fillings(templates, lspec["values"], rng, per_intent).items())
             rng.shuffle(items)
             cut = {"devel": heldout["devel"], "test": heldout["devel"] + heldout["test"]}
             for k, (text, entities) in enumerate(items):
                 split = "devel" if k < cut["devel"] else "test" if k < cut["test"] else "train"
-                n += 1
-                utt_id = f"demo-{lang}-{n:04d}"
-                common = {"lang": lang, "text": text, "scenario": scenario, "action": action,
-                          "entities": entities, "corpus": "demo"}
-                splits[split].append({"id": utt_id, "audio": None, **common})
-                for voice in rng.sample(lspec["voices"], spec["speech_rows_per_utterance"][split]):
-                    speed = rng.choice(spec["speeds"])
-                    name = f"{utt_id}-{voice.replace('+', '_')}-{speed}.ogg"
-                    x = speak(text, voice, speed, spec["sample_rate"])
-                    # Lowest Vorbis quality: plenty for 16 kHz synthetic speech, keeps the folder small.
-                    sf.write(out_dir / "audio" / name, x, spec["sample_rate"], format="OGG", subtype="VORBIS",
-                             compression_level=1.0)
-                    splits[split].append({"id": name, "audio": f"audio/{name}", **common, "utt_id": utt_id,
-                                          "voice": voice, "speed": speed})
+                voices = rng.sample(lspec["voices"], spec["speech_rows_per_utterance"][split])
+                speak_utterance(splits[split], utterance(lang, intent, text, entities), voices, spec, rng, out_dir)
+    extra = spec.get("extra_test")
+    if extra:
+        extra_rng = random.Random(extra["seed"])
+        taken = {r["text"] for rows in splits.values() for r in rows}
+        want = extra["utterances_per_intent"]
+        for lang, lspec in spec["languages"].items():
+            for intent, templates in lspec["templates"].items():
+                for text, entities in draw_fillings(templates, lspec["values"], extra_rng, want, taken).items():
+                    voices = extra_rng.sample(lspec["voices"], extra["speech_rows_per_utterance"])
+                    speak_utterance(splits["test"], utterance(lang, intent, text, entities), voices, spec,
+                                    extra_rng, out_dir)
     for split, rows in splits.items():
         with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:

@@ -69,7 +69,7 @@ def test_readme_table_is_the_table_report_py_prints_from_the_committed_predictio
 def test_committed_gold_is_the_demo_test_splits_speech_rows_and_its_audio_is_in_the_repository():
     gold = score.load_gold(GOLD)
     demo_speech = [r for r in read_manifest(ROOT / "data/demo/test.jsonl") if r["audio"] is not None]
-    assert [r["id"] for r in gold] == [r["id"] for r in demo_speech] and len(gold) == 80
+    assert [r["id"] for r in gold] == [r["id"] for r in demo_speech] and len(gold) == 208
     for row in gold:
         assert not Path(row["audio"]).is_absolute() and (GOLD.parent / row["audio"]).is_file(), row["audio"]
 

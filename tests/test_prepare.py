@@ -438,14 +438,17 @@ def test_demo_corpus_loads_with_unseen_devel_and_test_and_its_audio_decodes(tmp_
             assert sr == 16000 and 0.5 < len(x) / sr < 4.0 and np.abs(x).max() > 0.05
 
 
-def tiny_templates(tmp_path, seed):
+def tiny_templates(tmp_path, seed, extra_test=1):
     spec = json.loads((REPO / "data" / "demo" / "templates.json").read_text(encoding="utf-8"))
     spec["seed"] = seed
     spec["utterances_per_intent"] = 4
     spec["heldout_per_intent"] = {"devel": 1, "test": 1}
+    spec["extra_test"] = {**spec["extra_test"], "utterances_per_intent": extra_test}
+    if not extra_test:
+        del spec["extra_test"]
     spec["languages"] = {lang: {**ls, "templates": dict(list(ls["templates"].items())[:2])}
                          for lang, ls in spec["languages"].items()}
-    path = tmp_path / f"templates-{seed}.json"
+    path = tmp_path / f"templates-{seed}-{extra_test}.json"
     path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     return path
 
@@ -465,6 +468,29 @@ def test_demo_regeneration_is_deterministic_given_the_seed(tmp_path, capsys):
             twin = runs[1] / "audio" / Path(r["audio"]).name
             np.testing.assert_array_equal(sf.read(r["audio"])[0], sf.read(twin)[0])
     assert sorted(os.listdir(runs[0])) == ["audio", "devel.jsonl", "test.jsonl", "train.jsonl"]
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng CLI not installed")
+def test_extra_test_utterances_leave_every_earlier_row_as_it_was_and_are_texts_no_split_had(tmp_path, capsys):
+    # The bundled test split was enlarged this way after models and figures were made from train and devel.
+    for name, extra in (("plain", 0), ("extended", 3)):
+        code, _, err = run(["demo", "--regenerate", "--demo-dir", tmp_path / name,
+                            "--templates", tiny_templates(tmp_path, 1, extra_test=extra)], capsys)
+        assert code == 0, err
+    plain, extended = ({s: read_manifest(tmp_path / name / f"{s}.jsonl") for s in ("train", "devel", "test")}
+                       for name in ("plain", "extended"))
+    for s in ("train", "devel"):
+        assert (tmp_path / "plain" / f"{s}.jsonl").read_bytes() == (tmp_path / "extended" / f"{s}.jsonl").read_bytes()
+    n = len(plain["test"])
+    assert [r["id"] for r in extended["test"][:n]] == [r["id"] for r in plain["test"]]
+    added = extended["test"][n:]
+    transcripts = [r for r in added if r["audio"] is None]
+    # 2 languages x 2 intents x 3, each spoken once; the texts are new to the corpus and to each other
+    assert len(transcripts) == 12 and len(added) == 24
+    assert sorted(r["utt_id"] for r in added if r["audio"]) == sorted(r["id"] for r in transcripts)
+    earlier = {r["text"] for rows in plain.values() for r in rows}
+    assert len({r["text"] for r in transcripts}) == 12 and not {r["text"] for r in transcripts} & earlier
+    assert len({r["id"] for rows in extended.values() for r in rows}) == sum(map(len, extended.values()))
 
 
 @pytest.mark.slow
