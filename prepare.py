@@ -764,6 +764,15 @@ def build_demo(templates_path: Path, out_dir: Path) -> dict[str, list[dict]]:
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     (out_dir / "audio").mkdir(parents=True)
     count = {lang: 0 for lang in spec["languages"]}
+    extra = spec.get("extra_test")
+    if extra is not None:  # checked before any audio is made
+        where = f"{templates_path}: extra_test"
+        extra_rng = random.Random(need(extra, "seed", int, where))
+        want, n_voices = (need(extra, f, int, where) for f in ("utterances_per_intent", "speech_rows_per_utterance"))
+        most = min(len(ls["voices"]) for ls in spec["languages"].values())
+        if want < 0 or not 1 <= n_voices <= most:
+            raise ManifestError(f"{where}: expected utterances_per_intent >= 0 and speech_rows_per_utterance in "
+                                f"1..{most} (the fewest voices of a language), got {want} and {n_voices}")
 
     def utterance(lang: str, intent: str, text: str, entities: list[dict]) -> dict:
         count[lang] += 1
@@ -780,15 +789,12 @@ def build_demo(templates_path: Path, out_dir: Path) -> dict[str, list[dict]]:
                 split = "devel" if k < cut["devel"] else "test" if k < cut["test"] else "train"
                 voices = rng.sample(lspec["voices"], spec["speech_rows_per_utterance"][split])
                 speak_utterance(splits[split], utterance(lang, intent, text, entities), voices, spec, rng, out_dir)
-    extra = spec.get("extra_test")
-    if extra:
-        extra_rng = random.Random(extra["seed"])
+    if extra is not None:
         taken = {r["text"] for rows in splits.values() for r in rows}
-        want = extra["utterances_per_intent"]
         for lang, lspec in spec["languages"].items():
             for intent, templates in lspec["templates"].items():
                 for text, entities in draw_fillings(templates, lspec["values"], extra_rng, want, taken).items():
-                    voices = extra_rng.sample(lspec["voices"], extra["speech_rows_per_utterance"])
+                    voices = extra_rng.sample(lspec["voices"], n_voices)
                     speak_utterance(splits["test"], utterance(lang, intent, text, entities), voices, spec,
                                     extra_rng, out_dir)
     for split, rows in splits.items():

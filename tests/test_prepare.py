@@ -493,6 +493,20 @@ def test_extra_test_utterances_leave_every_earlier_row_as_it_was_and_are_texts_n
     assert len({r["id"] for rows in extended.values() for r in rows}) == sum(map(len, extended.values()))
 
 
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng CLI not installed")
+@pytest.mark.parametrize("extra, message", [({"utterances_per_intent": 2, "speech_rows_per_utterance": 1},
+                                             "extra_test: missing required field 'seed'"),
+                                            ({"seed": 1, "utterances_per_intent": 2, "speech_rows_per_utterance": 5},
+                                             "speech_rows_per_utterance in 1..4")])
+def test_bad_extra_test_is_an_error_naming_the_field_and_nothing_is_written(tmp_path, capsys, extra, message):
+    path = tiny_templates(tmp_path, 1)
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**spec, "extra_test": extra}), encoding="utf-8")
+    code, _, err = run(["demo", "--regenerate", "--demo-dir", tmp_path / "d", "--templates", path], capsys)
+    assert code == 2 and message in err and str(path) in err
+    assert os.listdir(tmp_path / "d") == []
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng CLI not installed")
 def test_bundled_demo_corpus_is_what_its_templates_produce(tmp_path, capsys):
