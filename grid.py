@@ -96,7 +96,8 @@ from model.config import resolve_model
 from model.manifest import ManifestError, atomic_write_text, jsonl_text, read_manifest, write_manifest
 from report import FRACTION_DIR, SEED_DIR, fraction_name  # the directory names report.py parses: p0.02, seed1
 from report import SCHEMES as LAYOUT_SCHEMES  # its scheme folders: the schemes, their variants and oracle
-from train import SCHEMES, VARIANT_SCHEMES, VARIANTS, file_digest, model_digest
+from train import SCHEMES, VARIANT_SCHEMES, VARIANTS, file_digest, model_digest, resolve_epochs
+from train import Args as TrainArgs, InputError as TrainInputError
 
 REPO = Path(__file__).resolve().parent
 PAPER_FRACTIONS = (0.02, 0.05, 0.10, 0.25, 0.50, 1.0)
@@ -639,6 +640,11 @@ def check_args(args) -> None:
                         "training manifest); run train.py --subset-selection gap by hand for a setting")
     if args.oracle and "text-only" not in args.schemes:
         raise GridError("--oracle decodes with the text-only model of each seed: keep text-only in --schemes")
+    if args.epochs is None:  # the model's own default, as train.py takes it; passed on explicitly, in the records
+        try:
+            args.epochs = resolve_epochs(TrainArgs(model=resolve_model(args.model)))
+        except TrainInputError as e:
+            raise GridError(str(e)) from None
     if args.epochs < 1 or args.num_beams < 1 or args.max_new_tokens < 1:
         raise GridError("--epochs, --num-beams and --max-new-tokens must be >= 1")
     needed = [Path(d) / "train.jsonl" for d in [args.corpus_dir, args.source_dir, *args.target_dirs,
@@ -664,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "README, 'Distillation and gap selection'); +gap needs --corpus-dir, whose train "
                              "transcripts grid.py has espeak-ng speak once into CORPUS/synth/")
     parser.add_argument("--oracle", action="store_true", help="also decode the test transcripts with text-only")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, help="default: the model directory's own (the miniature's 5; "
+                        "pretraining.json), else the paper's 3")
     parser.add_argument("--model", default="mini", help="Hugging Face Qwen2-Audio directory, 'mini' (the shipped "
                         "pretrained miniature) or a random preset (tiny, 7b)")
     parser.add_argument("--num-beams", type=int, default=3)

@@ -753,26 +753,72 @@ def speak_utterance(rows: list[dict], utt: dict, voices: list[str], spec: dict, 
                      "speed": speed})
 
 
+def check_templates(path: Path) -> dict:
+    """templates.json, every field build_demo reads checked: a broken file is an error naming the field, not a
+    KeyError after minutes of speaking."""
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not JSON ({e})") from None
+    where = str(path)
+    for field in ("seed", "utterances_per_intent", "sample_rate"):
+        if need(spec, field, int, where) < (0 if field == "seed" else 1):
+            raise ManifestError(f"{where}: field '{field}': expected a positive integer, got {spec[field]}")
+    speeds = need(spec, "speeds", list, where)
+    if not speeds or not all(isinstance(v, int) and v > 0 for v in speeds):
+        raise ManifestError(f"{where}: field 'speeds': expected a non-empty list of words per minute, got {speeds}")
+    languages = need(spec, "languages", dict, where)
+    if not languages:
+        raise ManifestError(f"{where}: field 'languages': expected at least one language")
+    for lang, lspec in languages.items():
+        at = f"{where}: languages.{lang}"
+        voices, values = need(lspec, "voices", list, at), need(lspec, "values", dict, at)
+        if not voices or not all(isinstance(v, str) for v in voices):
+            raise ManifestError(f"{at}: field 'voices': expected a non-empty list of espeak-ng voice names")
+        for intent, templates in need(lspec, "templates", dict, at).items():
+            if "_" not in intent or not templates or not all(isinstance(t, str) for t in templates):
+                raise ManifestError(f"{at}.templates.{intent}: expected a SCENARIO_ACTION name and a non-empty list "
+                                    f"of template strings")
+            slots = {name for t in templates for name in re.findall(r"\{(\w+)\}", t)}
+            empty = sorted(name for name in slots if not (isinstance(values.get(name), list) and values[name]))
+            if empty:
+                raise ManifestError(f"{at}.templates.{intent}: slot '{{{empty[0]}}}' has no non-empty list in "
+                                    f"{lang}'s 'values'")
+    most = min(len(ls["voices"]) for ls in languages.values())
+    heldout = need(spec, "heldout_per_intent", dict, where)
+    if any(need(heldout, s, int, f"{where}: heldout_per_intent") < 0 for s in ("devel", "test")):
+        raise ManifestError(f"{where}: heldout_per_intent: expected devel and test >= 0, got {heldout}")
+    rows = need(spec, "speech_rows_per_utterance", dict, where)
+    for split in SPLITS:
+        if not 0 <= need(rows, split, int, f"{where}: speech_rows_per_utterance") <= most:
+            raise ManifestError(f"{where}: speech_rows_per_utterance.{split}: expected 0..{most} (the fewest voices "
+                                f"of a language), got {rows[split]}")
+    extra = spec.get("extra_test")
+    if extra is not None:
+        at = f"{where}: extra_test"
+        need(extra, "seed", int, at)
+        want, n_voices = (need(extra, f, int, at) for f in ("utterances_per_intent", "speech_rows_per_utterance"))
+        if want < 0 or not 1 <= n_voices <= most:
+            raise ManifestError(f"{at}: expected utterances_per_intent >= 0 and speech_rows_per_utterance in "
+                                f"1..{most} (the fewest voices of a language), got {want} and {n_voices}")
+    return spec
+
+
 def build_demo(templates_path: Path, out_dir: Path) -> dict[str, list[dict]]:
     """Fill the templates (seeded), split per (language, intent) so devel/test texts never occur in
     train, speak each utterance with espeak-ng, and write audio/ and {split}.jsonl into out_dir.
     Then `extra_test` adds test utterances drawn with their own seed among the fillings not yet used,
     so that the first draw (every train and devel row) stays what it was."""
-    spec = json.loads(templates_path.read_text(encoding="utf-8"))
+    spec = check_templates(templates_path)  # before any audio is made
     rng = random.Random(spec["seed"])
     per_intent, heldout = spec["utterances_per_intent"], spec["heldout_per_intent"]
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     (out_dir / "audio").mkdir(parents=True)
     count = {lang: 0 for lang in spec["languages"]}
     extra = spec.get("extra_test")
-    if extra is not None:  # checked before any audio is made
-        where = f"{templates_path}: extra_test"
-        extra_rng = random.Random(need(extra, "seed", int, where))
-        want, n_voices = (need(extra, f, int, where) for f in ("utterances_per_intent", "speech_rows_per_utterance"))
-        most = min(len(ls["voices"]) for ls in spec["languages"].values())
-        if want < 0 or not 1 <= n_voices <= most:
-            raise ManifestError(f"{where}: expected utterances_per_intent >= 0 and speech_rows_per_utterance in "
-                                f"1..{most} (the fewest voices of a language), got {want} and {n_voices}")
+    if extra is not None:
+        extra_rng = random.Random(extra["seed"])
+        want, n_voices = extra["utterances_per_intent"], extra["speech_rows_per_utterance"]
 
     def utterance(lang: str, intent: str, text: str, entities: list[dict]) -> dict:
         count[lang] += 1

@@ -63,6 +63,7 @@ ALWAYS_FROZEN = (("audio_tower", "embed_positions"),)
 AUDIO_FROZEN = (("audio_tower",), ("multi_modal_projector",))
 PAPER_GLOBAL_BATCH = 128  # 8 GPUs x 2 rows x 8 accumulation steps
 DEMO_GLOBAL_BATCH = 16    # a preset (the demo): 2 rows x 8 accumulation steps on one CPU
+PAPER_EPOCHS = 3          # "sufficient for convergence" of the 7B model (section 4)
 # Flags a resumed run may change: how it runs, not what it computes (each change is recorded in config.json).
 RESUMABLE = ("max_steps", "save_every", "keep_checkpoints", "eval_max_rows", "eval_max_new_tokens", "dev_manifest",
              "export", "export_dtype", "keep_optimizer_state", "progress", "per_device_batch", "grad_accum",
@@ -92,8 +93,8 @@ class Args:
     """Evaluated (loss on transcripts, greedy intent accuracy) at each epoch end; 'none' to skip."""
     speech_fraction: float = 0.1
     """p: fraction of each manifest's speech rows in the subset (0..1)."""
-    epochs: int = 3
-    """E."""
+    epochs: int | None = None
+    """E. None: the model directory's own default (pretraining.json; the miniature's is 5), else the paper's 3."""
     model: str = "mini"
     """A Hugging Face Qwen2-Audio directory (e.g. Qwen2-Audio-7B-Instruct) / our RUN_DIR/hf; 'mini', the pretrained
     miniature shipped in models/mini (the demo); or a preset with random weights: 'tiny' or '7b' (needs
@@ -493,8 +494,9 @@ def check_model_choice(args: Args) -> None:
 
 
 def checkpoint_defaults(model: str) -> dict:
-    """The fine-tuning defaults a model directory states for itself ({"peak_lr", "global_batch"}; pretrain.py writes
-    them into the miniature's pretraining.json: the paper's 5e-6 at batch 128 is a 7B model's learning rate), or {}."""
+    """The fine-tuning defaults a model directory states for itself ({"peak_lr", "global_batch", "epochs"};
+    pretrain.py writes them into the miniature's pretraining.json: the paper's 5e-6 at batch 128 for 3 epochs is a
+    7B model's recipe), or {}."""
     path = Path(model) / "pretraining.json"
     if not path.is_file():
         return {}
@@ -502,11 +504,15 @@ def checkpoint_defaults(model: str) -> dict:
         defaults = json.loads(path.read_text(encoding="utf-8")).get("finetune_defaults", {})
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         raise InputError(f"{path}: expected a JSON object (pretrain.py writes it)") from None
-    for key, kind in (("peak_lr", float), ("global_batch", int)):
+    for key, kind in (("peak_lr", float), ("global_batch", int), ("epochs", int)):
         if key in defaults and not (isinstance(defaults[key], (int, float) if kind is float else int)
                                     and defaults[key] > 0):
             raise InputError(f"{path}: finetune_defaults.{key} must be a positive number, got {defaults[key]!r}")
     return defaults
+
+
+def resolve_epochs(args: Args) -> int:
+    return args.epochs if args.epochs is not None else checkpoint_defaults(args.model).get("epochs", PAPER_EPOCHS)
 
 
 def resolve_lr(args: Args) -> tuple[float, float]:
@@ -522,7 +528,7 @@ def build_plan(args: Args, sources: list[Source], manifests: list[list[dict]], g
         args.scheme != "text-only" else (None, None)
     peak, last = resolve_lr(args)
     return make_plan(
-        args.scheme, args.epochs, global_batch,
+        args.scheme, resolve_epochs(args), global_batch,
         text_ids=[[r["id"] for r in rows if r["audio"] is None] for rows in manifests],
         speech_ids=[[r["id"] for r in rows if r["audio"] is not None] for rows in manifests],
         fractions=[s.speech_fraction for s in sources], seed=args.seed, subset_seed=args.subset_seed,
@@ -1300,7 +1306,7 @@ def result_settings(args: Args, plan: Plan, dtype: str) -> dict:
     on_device = device_features(args, jax.default_backend())
     settings.update(model=f"sha256:{model_digest(args.model)}" if os.path.isdir(args.model) else args.model,
                     audio_features="device" if on_device else "host",
-                    peak_lr=peak, last_epoch_peak_lr=last, compute_dtype=dtype, global_batch=plan.global_batch,
+                    epochs=resolve_epochs(args), peak_lr=peak, last_epoch_peak_lr=last, compute_dtype=dtype, global_batch=plan.global_batch,
                     plan_fingerprint=plan.fingerprint())
     return json.loads(json.dumps(settings))  # tuples -> lists: the form the checkpoint stores
 
@@ -1485,7 +1491,7 @@ def train(args: Args) -> dict:
     run.trim_metrics(start)
 
     evaluator = make_evaluator(args, tok, config, dtype)
-    log(f"{args.scheme}: {plan.total_steps} steps over {args.epochs} epochs, global batch {plan.global_batch} "
+    log(f"{args.scheme}: {plan.total_steps} steps over {len(plan.epochs)} epochs, global batch {plan.global_batch} "
         f"(micro-batch {m.micro_batch} x {m.grad_accum}), mesh "
         f"{' '.join(f'{axis}={size}' for axis, size in m.shape.items())}, "
         f"{n_params(trainable):,} trainable / {n_params(frozen):,} frozen params")

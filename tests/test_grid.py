@@ -95,6 +95,21 @@ def test_dry_run_builds_one_train_and_infer_per_cell_with_seed_flags_and_text_on
                                            "--out", str(tmp_path / "g-report")] and cmds[-1] == reports[0]
 
 
+def test_without_epochs_every_training_gets_the_models_own_epoch_count_written_out(capsys, tmp_path):
+    # written out, so that a cell's record compares to a later command whatever the model's default is then
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "pretraining.json").write_text(json.dumps({"finetune_defaults": {"epochs": 4}}))
+    base = ("--corpus-dir", "c", "--grid", str(tmp_path / "g"), "--fractions", "0.5", "--seeds", "0")
+    trains = [c for c in _dry_run(capsys, *base, "--model", str(model)) if c[1].endswith("train.py")]
+    assert [_flag(c, "--epochs") for c in trains] == ["4", "4", "4"]
+    trains = [c for c in _dry_run(capsys, *base, "--model", "tiny") if c[1].endswith("train.py")]
+    assert [_flag(c, "--epochs") for c in trains] == ["3", "3", "3"]  # the paper's
+    (model / "pretraining.json").write_text(json.dumps({"finetune_defaults": {"epochs": "many"}}))
+    assert grid.main(["--dry-run", *base, "--model", str(model)]) == 2
+    assert "finetune_defaults.epochs must be a positive number" in capsys.readouterr().err
+
+
 def test_dry_run_without_oracle_or_text_only_has_neither(capsys, tmp_path):
     cmds = _dry_run(capsys, "--corpus-dir", "c", "--grid", str(tmp_path / "g"), "--fractions", "1.0",
                     "--seeds", "0", "--schemes", "curriculum")
@@ -384,7 +399,7 @@ def test_rerun_of_the_same_command_reuses_every_cell(fake):
 
 
 @pytest.mark.parametrize("change, train_flags, expected", [
-    (["--epochs", "2"], (), "trained with other settings: --epochs 3 -> 2"),
+    (["--epochs", "2"], (), "trained with other settings: --epochs 5 -> 2"),  # mini: its own 5
     (["--model", "/ckpt/other"], (), "--model mini -> /ckpt/other"),
     ([], ("--peak-lr", "1e-3"), "--peak-lr (absent) -> 1e-3"),
     (["--num-beams", "1"], (), "made with other settings: decoding: --num-beams 3 -> 1"),

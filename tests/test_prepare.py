@@ -507,6 +507,27 @@ def test_bad_extra_test_is_an_error_naming_the_field_and_nothing_is_written(tmp_
     assert os.listdir(tmp_path / "d") == []
 
 
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng CLI not installed")
+@pytest.mark.parametrize("field, value, message", [
+    ("seed", None, "missing required field 'seed'"),
+    ("speech_rows_per_utterance", {"train": 9, "devel": 1, "test": 1}, "speech_rows_per_utterance.train: expected 0..4"),
+    ("heldout_per_intent", {"devel": 1}, "heldout_per_intent: missing required field 'test'"),
+    ("languages", {"en": {"voices": ["en-us"], "values": {}, "templates": {"alarm_set": ["wake me at {time}"]}}},
+     "languages.en.templates.alarm_set: slot '{time}' has no non-empty list in en's 'values'"),
+])
+def test_a_broken_templates_file_is_an_error_naming_the_field_before_any_audio(tmp_path, capsys, field, value, message):
+    path = tiny_templates(tmp_path, 1)
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    if value is None:
+        del spec[field]
+    else:
+        spec[field] = value
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    code, _, err = run(["demo", "--regenerate", "--demo-dir", tmp_path / "d", "--templates", path], capsys)
+    assert code == 2 and message in err and str(path) in err
+    assert os.listdir(tmp_path / "d") == []
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng CLI not installed")
 def test_bundled_demo_corpus_is_what_its_templates_produce(tmp_path, capsys):

@@ -287,6 +287,21 @@ def test_a_run_is_tied_to_its_models_contents_not_its_path(setup, tmp_path):
         run({**setup, "model": first}, tmp_path / "r", *flags)
 
 
+def test_a_run_made_at_its_models_default_epoch_count_is_not_resumed_once_that_default_changes(setup, tmp_path):
+    # no --epochs: the model directory's finetune_defaults.epochs decides, and the run records the number it trained
+    import shutil
+    flags = ("--scheme", "text-only", "--global-batch", "16", "--per-device-batch", "16", "--fsdp", "1")
+    model = tmp_path / "model"
+    shutil.copytree(setup["model"], model)
+    (model / "pretraining.json").write_text(json.dumps({"finetune_defaults": {"epochs": 1}}))
+    out = run({**setup, "model": model}, tmp_path / "r", *flags)
+    assert out["finished"] and len(out["losses"]) == 1  # 12 transcripts, batch 16: one step per epoch
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["settings"]["epochs"] == 1
+    (model / "pretraining.json").write_text(json.dumps({"finetune_defaults": {"epochs": 2}}))
+    with pytest.raises(train.InputError, match=r"made with other settings: .*--epochs 1 -> 2"):
+        run({**setup, "model": model}, tmp_path / "r", *flags)
+
+
 def test_a_run_is_tied_to_the_dtype_it_computed_in_not_to_how_dtype_was_written(setup, tmp_path):
     # on a CPU --dtype auto is float32: a finished float32 run is the same run; bfloat16 is another computation
     flags = ("--scheme", "text-only", "--epochs", "1", "--global-batch", "16", "--per-device-batch", "16",

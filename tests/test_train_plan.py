@@ -189,6 +189,17 @@ def test_a_model_directory_states_its_own_finetuning_defaults_and_flags_override
         train.resolve_lr(train.Args(model=str(tmp_path)))
 
 
+def test_the_epoch_count_is_the_model_directorys_own_else_the_papers_and_a_flag_overrides_it(tmp_path):
+    assert train.resolve_epochs(train.Args(model=str(tmp_path))) == train.PAPER_EPOCHS == 3
+    assert train.resolve_epochs(train.Args(model="tiny")) == 3
+    (tmp_path / "pretraining.json").write_text(json.dumps({"finetune_defaults": {"epochs": 5}}))
+    assert train.resolve_epochs(train.Args(model=str(tmp_path))) == 5
+    assert train.resolve_epochs(train.Args(model=str(tmp_path), epochs=2)) == 2
+    (tmp_path / "pretraining.json").write_text(json.dumps({"finetune_defaults": {"epochs": 2.5}}))
+    with pytest.raises(train.InputError, match=r"pretraining.json: finetune_defaults.epochs must be a positive"):
+        train.resolve_epochs(train.Args(model=str(tmp_path)))
+
+
 def test_a_mistyped_model_path_is_named_as_a_path_not_as_a_preset(tmp_path):
     with pytest.raises(train.InputError, match=r"--model /ckpt/Qwen2-Audi: not a directory, nor a preset \(7b, tiny\)"):
         train.check_model_choice(train.Args(model="/ckpt/Qwen2-Audi", random_init=True))
@@ -300,6 +311,15 @@ def test_plan_only_prints_the_issue_json_and_loads_no_model(tmp_path):
     assert [e["speech"] for e in plan["epochs"]] == [0, 0, 42]
     assert [e["steps"] for e in plan["epochs"]] == [10, 10, 21]  # global batch 2 * 2 * 1 = 4
     assert len(plan["speech_subset"]) == 14 and all(i.endswith(".flac") for i in plan["speech_subset"])
+
+
+def test_the_default_run_trains_the_miniature_for_its_own_five_epochs_with_the_subset_repeated_five_times():
+    out = subprocess.run([sys.executable, "train.py", "--plan-only", "--fsdp", "1"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert [e["speech"] for e in plan["epochs"]] == [0, 0, 0, 0, 5 * 32]  # p = 0.1 of 316 recordings
+    assert (plan["global_batch"], plan["total_steps"]) == (4, 4 * 79 + 119)
 
 
 def test_plan_only_names_the_manifest_line_of_a_bad_row(tmp_path):
