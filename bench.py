@@ -293,6 +293,8 @@ class StepArgs:
     global_batch: int = 16
     per_device_batch: int = 2
     """Rows per micro-batch (one device); global_batch / per_device_batch micro-batches per step, on both sides."""
+    group_recordings: Literal["auto", "yes", "no"] = "auto"
+    """train.py's --group-recordings (auto: yes on GPU/TPU, no on a CPU)."""
     plan_step: int | None = None
     """Which optimizer step of the plan to load (0-based). None: the first one that holds a recording."""
     steps: int = 3
@@ -304,13 +306,15 @@ class StepArgs:
 def ours_step_setup(args: StepArgs, model_dir: str):
     """train.py's pieces for a direct run on one device: (train args, plan, loader, mesh, config, params, phase,
     dtype, plan step)."""
+    import jax
     import jax.numpy as jnp
     import train
     from model.config import get_config
     from model.sharding import resolve_dtype
     targs = train.Args(scheme="direct", train_manifest=(args.manifest,), speech_fraction=args.speech_fraction,
                        model=model_dir, global_batch=args.global_batch, per_device_batch=args.per_device_batch,
-                       data_parallel=1, fsdp=1, dev_manifest=None, progress=False, export=False)
+                       data_parallel=1, fsdp=1, dev_manifest=None, progress=False, export=False,
+                       group_recordings=args.group_recordings)
     sources, manifests = train.load_sources(targs)
     batch = train.resolve_batch(targs, 1, 1)
     plan = train.build_plan(targs, sources, manifests, batch[0])
@@ -330,7 +334,8 @@ def ours_step_setup(args: StepArgs, model_dir: str):
     m = train.make_run_mesh(targs, batch, config)
     _, params, tok, _ = train.load_model(targs, config, m.param_sh, jnp.float32)
     loader = train.StepLoader(plan, rows, tok, m.grad_accum, m.micro_batch,
-                              train.local_batch_rows(m.batch_sh, (m.grad_accum, m.micro_batch)))
+                              train.local_batch_rows(m.batch_sh, (m.grad_accum, m.micro_batch)),
+                              group_recordings=train.group_recordings(targs, jax.default_backend()))
     phase = train.training_phases(targs, plan)[0]
     return targs, plan, loader, m, config, params, phase, jnp.dtype(resolve_dtype(targs.dtype)), step
 
@@ -346,7 +351,8 @@ def run_ours_step(args: StepArgs, model_dir: str) -> dict:
     tx, train_sh, frozen_sh, opt_sh = train.phase_optimizer(targs, phase, m)
     trainable, frozen = train.split_params(params, phase.frozen)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
-    step_fn = jax.jit(train.make_train_step(config, tx, dtype, targs.remat),
+    step_fn = jax.jit(train.make_train_step(config, tx, dtype, targs.remat,
+                                            skip_audio_tower=loader.group_recordings),
                       in_shardings=(train_sh, frozen_sh, opt_sh, m.batch_sh),
                       out_shardings=(train_sh, opt_sh, m.replicated), donate_argnums=(0, 2))
     load_s, step_s = [], []
@@ -366,7 +372,7 @@ def run_ours_step(args: StepArgs, model_dir: str) -> dict:
                 step_s.append(t2 - t1)
         breakdown = profile_ours(tx, step_fn, (trainable, frozen, opt_state), batch, args.steps) \
             if args.profile else None
-    keys = plan.step_keys(step)
+    keys = loader.step_order(step)  # the rows in micro-batch order: transformers gets the same micro-batches
     out = {"impl": "ours (jax, train.py's step)", "device": jax.devices()[0].device_kind,
            "first_step_s_incl_compile": round(compile_s, 3),
            "host_load_s": round(float(np.mean(load_s)), 4), "device_step_s": round(float(np.mean(step_s)), 4),
@@ -674,6 +680,8 @@ class ShapesArgs:
     """The real SLURP annotations (devel.jsonl, test.jsonl)."""
     global_batch: tuple[int, ...] = (128, 16)
     """The paper's global batch, and the demo's."""
+    micro_batch: tuple[int, ...] = (16, 2)
+    """Rows per micro-batch with each global batch: 8 GPUs x 2 rows (the paper), one device x 2 rows."""
     epochs: int = 3
 
 
@@ -714,8 +722,11 @@ def shapes_bench(args: ShapesArgs) -> dict:
     from model.processor import round_up
     texts, speech, lengths = slurp_like_lengths(args.slurp_dir)
     bucketings = {"ours": train.step_shape, "earlier (64 tokens, 1 s)": lambda tokens, frames: (round_up(tokens, 64), frames)}
+    if len(args.micro_batch) != len(args.global_batch):
+        raise InputError("--micro-batch: one per --global-batch")
+    flops = seven_b_flops_per_position()
     runs = []
-    for global_batch in args.global_batch:
+    for global_batch, micro_batch in zip(args.global_batch, args.micro_batch):
         for scheme, p in (("text-only", 0.0), ("direct", 0.02), ("direct", 0.1), ("direct", 1.0),
                           ("curriculum", 0.1), ("curriculum", 1.0)):
             plan = train.make_plan(scheme, args.epochs, global_batch, [texts], [speech], [p])
@@ -724,9 +735,54 @@ def shapes_bench(args: ShapesArgs) -> dict:
                 steps = train.plan_step_shapes(plan, lengths, global_batch, shape)
                 row[name] = {"step_shapes": len({s["shape"] for s in steps}),
                              "padding": round(sum(s["padding"] for s in steps) / len(steps), 3)}
+            if p > 0:
+                row["audio_tower"] = audio_tower_work(plan, lengths, global_batch, micro_batch, flops)
             runs.append(row)
     return {"rows": {"transcripts": len(texts), "recordings": len(speech)}, "runs": runs,
             "decode": decode_shapes(args.slurp_dir)}
+
+
+def seven_b_flops_per_position() -> dict[str, float]:
+    """Training FLOPs (6 x parameters: forward and backward matmuls, attention scores left out) per position of the
+    7b preset's audio tower (one per 2 mel frames) and decoder layers (one per token; the LM head, at the answer
+    tokens only, is left out)."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+    from model.config import get_config
+    from model.qwen2_audio import abstract_params
+    params = nn.unbox(abstract_params(get_config("7b")))
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+    tower = count(params["audio_tower"]) - count(params["audio_tower"]["embed_positions"])
+    decoder = count(params["language_model"]) - count(params["language_model"]["embed_tokens"])
+    return {"audio_tower": 6.0 * tower, "decoder": 6.0 * decoder}
+
+
+def audio_tower_work(plan, lengths: dict, global_batch: int, micro_batch: int, flops: dict) -> dict:
+    """The audio tower's work over a run, in rows x mel frames: as train.py runs it with the rows as drawn (every
+    row of a micro-batch holding a recording) and with --group-recordings (train.recordings_first: transcript-only
+    micro-batches skip it); the recordings' own share; and what grouping saves of the 7b step's FLOPs (with the
+    decoder's over every padded token position)."""
+    import train
+
+    def tower_micro_batches(order: list, audio: set) -> int:
+        return sum(any(k in audio for k in order[a:a + micro_batch]) for a in range(0, len(order), micro_batch))
+
+    drawn = grouped = real = positions = 0
+    for step, shape in enumerate(train.plan_step_shapes(plan, lengths, global_batch)):
+        seq, frames = shape["shape"]
+        positions += global_batch * seq
+        keys = plan.step_keys(step)
+        is_recording = [lengths[k][1] is not None for k in keys]
+        audio = {k for k, r in zip(keys, is_recording) if r}
+        real += sum(lengths[k][1] for k in audio)
+        drawn += tower_micro_batches(keys, audio) * micro_batch * (frames or 0)
+        grouped += tower_micro_batches(train.recordings_first(keys, is_recording), audio) * micro_batch * (frames or 0)
+    tower = lambda row_frames: flops["audio_tower"] * row_frames / 2
+    return {"row_frames_as_drawn": drawn, "row_frames_grouped": grouped,
+            "recordings_share_as_drawn": round(real / drawn, 3), "recordings_share_grouped": round(real / grouped, 3),
+            "saved_7b_flops_share": round((tower(drawn) - tower(grouped)) / (positions * flops["decoder"] + tower(drawn)),
+                                          3)}
 
 
 def decode_shapes(slurp_dir: str, batch_sizes: tuple[int, ...] = (8, 16, 32)) -> list[dict]:

@@ -67,8 +67,8 @@ PAPER_EPOCHS = 3          # "sufficient for convergence" of the 7B model (sectio
 # Flags a resumed run may change: how it runs, not what it computes (each change is recorded in config.json).
 RESUMABLE = ("max_steps", "save_every", "keep_checkpoints", "eval_max_rows", "eval_max_new_tokens", "dev_manifest",
              "export", "export_dtype", "keep_optimizer_state", "progress", "per_device_batch", "grad_accum",
-             "data_parallel", "fsdp", "tensor_parallel", "run_dir", "plan_only", "compilation_cache", "aot_topology",
-             "aot_seq_len", "aot_audio_seconds",
+             "data_parallel", "fsdp", "tensor_parallel", "group_recordings", "run_dir", "plan_only",
+             "compilation_cache", "aot_topology", "aot_seq_len", "aot_audio_seconds",
              "dtype")  # as written ('auto'); result_settings compares what it resolves to (compute_dtype)
 
 
@@ -149,6 +149,12 @@ class Args:
     """Where the log-mel features of the recordings are computed. host: on the CPU while loading (float64, the
     reference). device: inside the jitted step from 16 kHz waveforms (model/processor.py log_mel_jnp, equal to 1e-4),
     so the host only decodes audio. auto: device on GPU/TPU, host on a CPU (where both spend the same cores)."""
+    group_recordings: Literal["auto", "yes", "no"] = "auto"
+    """Within each optimizer step, put its recordings in the first micro-batches (in their drawn order, its
+    transcripts after them), so that the audio tower runs on ceil(recordings / micro-batch) micro-batches and the
+    transcript-only ones skip it. A step keeps its rows; only which rows share a micro-batch changes, i.e. the
+    summation order of the gradients. auto: yes on GPU/TPU, no on a CPU (where the demo's figures were made with
+    the rows as drawn, and the miniature's audio tower costs nothing measurable)."""
     remat: Literal["none", "full", "dots"] = "none"
     """Rematerialise each decoder/encoder layer in the backward pass ('full' saves the most memory)."""
     compilation_cache: str = "auto"
@@ -860,16 +866,23 @@ def plan_step_shapes(plan: Plan, lengths: dict[tuple, tuple[int, int | None]], s
     return out
 
 
+def recordings_first(keys: list, is_recording: list[bool]) -> list:
+    """--group-recordings: a step's rows with its recordings first, each group in its drawn order."""
+    return [k for k, r in zip(keys, is_recording) if r] + [k for k, r in zip(keys, is_recording) if not r]
+
+
 class StepLoader:
     """Builds the arrays of one optimizer step: [grad_accum, micro_batch, ...], this process's rows only.
 
     micro_batch = per_device_batch * data * fsdp rows. Row j of micro-batch a is row a*micro_batch + j of the
-    step's slice of the epoch order. A process loads (decodes audio for, tokenizes) only the rows of its own
+    step's slice of the epoch order, or with `group_recordings` of that slice with its recordings moved to the
+    front (step_order). A process loads (decodes audio for, tokenizes) only the rows of its own
     devices; the padded shape (step_shape) is agreed across processes so the global array has one shape.
     `shapes` collects the step shapes loaded; `padding` the real and padded token positions."""
 
     def __init__(self, plan: Plan, rows: list[dict[str, dict]], tok, grad_accum: int, micro_batch: int,
-                 local_rows: slice, distill: bool = False, device_features: bool = False):
+                 local_rows: slice, distill: bool = False, device_features: bool = False,
+                 group_recordings: bool = False):
         from model import processor as P
         from model.answer import render_answer
         from model.processor import round_up
@@ -877,6 +890,7 @@ class StepLoader:
         self.grad_accum, self.micro_batch, self.local = grad_accum, micro_batch, local_rows
         self.distill = distill  # steps with recordings also carry their transcripts (collate_teacher)
         self.device_features = device_features  # recordings as waveforms, featurised in the step
+        self.group_recordings = group_recordings
         self.pad_id = P.special_ids(tok).pad
         # one answer length for the whole run (logits are computed only there, so its padding is cheap)
         used = {k for keys in plan.epoch_keys for k in keys}
@@ -889,9 +903,16 @@ class StepLoader:
         n_speech = sum(1 for m, i in keys if self.rows[m][i]["audio"] is not None)
         return len(keys) - n_speech, n_speech
 
+    def step_order(self, step: int) -> list[tuple[int, str]]:
+        """The step's rows in the order they fill its micro-batches."""
+        keys = self.plan.step_keys(step)
+        if not self.group_recordings:
+            return keys
+        return recordings_first(keys, [self.rows[m][i]["audio"] is not None for m, i in keys])
+
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         from model.processor import bucket_frames
-        keys = self.plan.step_keys(step)
+        keys = self.step_order(step)
         keys = keys + [None] * (self.grad_accum * self.micro_batch - len(keys))
         micro = [keys[a * self.micro_batch:(a + 1) * self.micro_batch][self.local] for a in range(self.grad_accum)]
         examples = [[None if k is None else make_example(self.rows[k[0]][k[1]], self.tok, self.device_features)
@@ -920,6 +941,11 @@ def device_features(args: Args, backend: str) -> bool:
     return args.audio_features == "device" or (args.audio_features == "auto" and backend != "cpu")
 
 
+def group_recordings(args: Args, backend: str) -> bool:
+    """--group-recordings resolved."""
+    return args.group_recordings == "yes" or (args.group_recordings == "auto" and backend != "cpu")
+
+
 def step_frames(batch: dict) -> int | None:
     """The mel frames a step's arrays are padded to (None: a step without recordings)."""
     from model.processor import HOP_LENGTH
@@ -940,6 +966,9 @@ def _global_max(*values: int) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------------------------------------------
 # 4. The train step
 # ----------------------------------------------------------------------------------------------------------------
+
+AUDIO_INPUTS = ("input_features", "input_waveforms", "n_samples", "feature_lengths")  # collate's recording arrays
+
 
 def answer_logits(params, config, mb: dict, dtype, remat_policy: str, prefix: str = ""):
     """fp32 logits [b, A, V] of one micro-batch at the positions whose next token is an answer token (answer_index);
@@ -1003,7 +1032,8 @@ def make_optimizer(args: Args, schedule):
                     weight_decay=args.weight_decay, mask=decay_mask))
 
 
-def make_train_step(config, tx, dtype, remat_policy: str, distill: Distill | None = None):
+def make_train_step(config, tx, dtype, remat_policy: str, distill: Distill | None = None,
+                    skip_audio_tower: bool = False):
     """(trainable, frozen, opt_state, batch[, teacher]) -> (trainable, opt_state, metrics).
 
     batch leaves are [grad_accum, micro_batch, ...]. Gradients of the SUMMED token losses are accumulated over
@@ -1014,7 +1044,11 @@ def make_train_step(config, tx, dtype, remat_policy: str, distill: Distill | Non
     Distillation (a step whose batch carries collate_teacher's arrays, i.e. one with recordings): the objective adds
     weight x distill_kl of the recording rows, over the same answer-token count. The teacher's logits come from the
     model itself under stop_gradient ('self') or from `teacher`, a separate parameter tree that is only read
-    ('frozen'; unused otherwise). metrics["distill_kl"] is the KL per distilled answer token."""
+    ('frozen'; unused otherwise). metrics["distill_kl"] is the KL per distilled answer token.
+
+    skip_audio_tower (--group-recordings): a micro-batch of transcripts only, in a step with recordings, skips the
+    audio tower (lax.cond). Its rows hold no audio token, so the tower's output reaches no logit: the same loss to
+    the bit, and the same gradient but for XLA summing the embedding table's scatter-add in another order (1 ulp)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -1035,9 +1069,16 @@ def make_train_step(config, tx, dtype, remat_policy: str, distill: Distill | Non
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+        def micro_grads(mb):
+            if not skip_audio_tower or "feature_lengths" not in mb:  # or a step without recordings
+                return grad_fn(trainable, mb)
+            text = {k: v for k, v in mb.items() if k not in AUDIO_INPUTS}
+            return jax.lax.cond(jnp.any(mb["feature_lengths"] > 0), lambda: grad_fn(trainable, mb),
+                                lambda: grad_fn(trainable, text))
+
         def micro(carry, mb):
             grads, loss_sum, kl_sum, n_tok = carry
-            (_, (l, kl, n)), g = grad_fn(trainable, mb)
+            (_, (l, kl, n)), g = micro_grads(mb)
             return (jax.tree.map(jnp.add, grads, g), loss_sum + l, kl_sum + kl, n_tok + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
@@ -1499,7 +1540,8 @@ def train(args: Args) -> dict:
     # --- the loop, phase by phase ----------------------------------------------------------------------------------
     loader = StepLoader(plan, [{r["id"]: r for r in rows} for rows in manifests], tok, m.grad_accum, m.micro_batch,
                         local_batch_rows(m.batch_sh, (m.grad_accum, m.micro_batch)), distill=bool(args.distill_weight),
-                        device_features=device_features(args, jax.default_backend()))
+                        device_features=device_features(args, jax.default_backend()),
+                        group_recordings=group_recordings(args, jax.default_backend()))
     context = dict(args=args, plan=plan, run=run, m=m, config=config, dtype=dtype, loader=loader,
                    evaluator=evaluator, settings=settings, history=history, log=log, teacher=teacher)
     t_start, ran, opt_size = time.time(), [], 0
@@ -1610,7 +1652,8 @@ def train_phase(k: int, phase: Phase, params: dict, opt_leaves: list | None, fir
         opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
     else:
         opt_state = jax.tree.unflatten(jax.tree.structure(jax.eval_shape(tx.init, trainable)), opt_leaves)
-    step_impl = make_train_step(config, tx, jnp.dtype(dtype), args.remat, make_distill(args))
+    step_impl = make_train_step(config, tx, jnp.dtype(dtype), args.remat, make_distill(args),
+                                group_recordings(args, jax.default_backend()))
     # two jitted forms: without a teacher tree, and (--distill-teacher frozen, from teacher.start) with one
     step_fns = [jax.jit(step_impl, in_shardings=(train_sh, frozen_sh, opt_sh, m.batch_sh) + extra,
                         out_shardings=(train_sh, opt_sh, m.replicated), donate_argnums=(0, 2))
@@ -1800,7 +1843,8 @@ def aot_train(args: Args) -> int:
         if args.distill_teacher == "frozen":
             teacher["teacher"] = aot.abstract_like(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
                                                                 nn.unbox(boxed)), param_sh)
-    step_fn = jax.jit(make_train_step(config, tx, jnp.dtype(dtype), args.remat, make_distill(args)),
+    step_fn = jax.jit(make_train_step(config, tx, jnp.dtype(dtype), args.remat, make_distill(args),
+                                      group_recordings(args, "tpu")),
                       in_shardings=(train_sh, frozen_sh, opt_sh, m.batch_sh) + ((param_sh,) if teacher else ()),
                       out_shardings=(train_sh, opt_sh, m.replicated), donate_argnums=(0, 2))
     workload = {"model": args.model, "scheme": args.scheme, "global_batch": global_batch, "grad_accum": accum,

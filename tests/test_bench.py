@@ -18,11 +18,12 @@ def checkpoint(tmp_path_factory):
     return str(bench.random_checkpoint(tmp_path_factory.mktemp("bench") / "tiny"))
 
 
-@pytest.mark.slow  # about 40 s: our step's compilation and two torch steps over 156k-token logits
-def test_step_side_by_side_trains_the_same_mixed_rows_answer_tokens_and_loss(checkpoint):
+@pytest.mark.slow  # about 40 s each: our step's compilation and two torch steps over 156k-token logits
+@pytest.mark.parametrize("group", ["no", "yes"])  # grouped: transformers gets our micro-batches' rows
+def test_step_side_by_side_trains_the_same_mixed_rows_answer_tokens_and_loss(checkpoint, group):
     # 4 rows in 2 micro-batches; speech fraction 1 so the first step with a recording comes early.
     report = bench.step_bench(StepArgs(model=checkpoint, global_batch=4, speech_fraction=1.0, steps=1,
-                                       profile=False))
+                                       profile=False, group_recordings=group))
     assert report["n_speech"] >= 1 and report["n_text"] >= 1 and len(report["rows"]) == 4
     # Row by row the same token ids: our bucketed prompt with its audio tokens and answer equal the processor's.
     assert report["same_token_ids"]
@@ -92,3 +93,18 @@ def test_pipeline_times_the_same_rows_both_ways_and_states_the_7b_appetite_from_
     assert 1.0e13 < s["model_flops_per_row"] < 1.4e13
     # 128 such rows on 8 x 989 TFLOP/s at 50%: about 0.37 s a step, ~340 rows/s
     assert 0.3 < s["step_s"] < 0.45 and 280 < s["rows_per_s"] < 430
+
+
+def test_grouping_runs_the_audio_tower_on_the_fewest_micro_batches_that_hold_a_steps_recordings():
+    import train
+    texts, speech = [f"t{i}" for i in range(5)], [f"s{i}" for i in range(3)]
+    lengths = {**{(0, k): (40, None) for k in texts}, **{(0, k): (60, 300) for k in speech}}
+    # a seed whose one step of 8 rows has its 3 recordings in 3 of the 4 micro-batches of 2
+    plan = next(p for p in (train.make_plan("direct", 1, 8, [texts], [speech], [1.0], seed=s) for s in range(100))
+                if sum(any(k[1] in speech for k in p.step_keys(0)[a:a + 2]) for a in (0, 2, 4, 6)) == 3)
+    (seq, frames), = {s["shape"] for s in train.plan_step_shapes(plan, lengths, 8)}
+    work = bench.audio_tower_work(plan, lengths, 8, 2, {"audio_tower": 2.0, "decoder": 1.0})
+    assert (work["row_frames_as_drawn"], work["row_frames_grouped"]) == (3 * 2 * frames, 2 * 2 * frames)
+    assert work["recordings_share_grouped"] == round(3 * 300 / (4 * frames), 3)
+    saved = 2.0 * 2 * frames / 2  # one micro-batch of 2 rows x frames, at 2 FLOPs per tower position
+    assert work["saved_7b_flops_share"] == round(saved / (8 * seq + 2.0 * 3 * 2 * frames / 2), 3)
