@@ -13,17 +13,13 @@ from model import processor as P
 from model.checkpoint import load_hf
 from model.config import get_config
 from model.qwen2_audio import forward
-from test_train import leaves, run, setup  # noqa: F401  (setup is a fixture)
+from test_train import direct_plan, leaves, run, setup  # noqa: F401  (setup is a fixture)
 
 
 def loader_and_batch(setup, step=None):
     """A direct plan with every recording (batch 8), its loader with the teacher rows on, and the first micro-batch
     of a step that holds recordings."""
-    args = train.parse_args(["--model", str(setup["model"]), "--train-manifest", str(setup["manifest"]),
-                             "--scheme", "direct", "--speech-fraction", "1.0", "--epochs", "1"])
-    sources, manifests = train.load_sources(args)
-    plan = train.build_plan(args, sources, manifests, 8)
-    rows = [{r["id"]: r for r in m} for m in manifests]
+    plan, rows = direct_plan(setup, 8)
     loader = train.StepLoader(plan, rows, P.load_tokenizer(), 1, 8, slice(0, 8), distill=True)
     steps = [s for s in range(plan.total_steps) if loader.counts(s)[1] >= 2]
     host = loader(steps[0] if step is None else step)

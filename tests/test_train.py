@@ -67,6 +67,14 @@ def run(setup, run_dir, *flags):
     return train.train(args)
 
 
+def direct_plan(setup, global_batch):
+    """A one-epoch direct plan of the setup's manifest with every recording, and its rows by id."""
+    args = train.parse_args(["--model", str(setup["model"]), "--train-manifest", str(setup["manifest"]),
+                             "--scheme", "direct", "--speech-fraction", "1.0", "--epochs", "1"])
+    sources, manifests = train.load_sources(args)
+    return train.build_plan(args, sources, manifests, global_batch), [{r["id"]: r for r in m} for m in manifests]
+
+
 def leaves(tree):
     return {jax.tree_util.keystr(p): np.asarray(jax.device_get(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -426,11 +434,7 @@ def test_device_features_from_waveforms_give_the_host_features_loss_and_gradient
     import jax.numpy as jnp
     from model.config import get_config
     _, params = load_hf(setup["model"], dtype=np.float32)
-    args = train.parse_args(["--model", str(setup["model"]), "--train-manifest", str(setup["manifest"]),
-                             "--scheme", "direct", "--speech-fraction", "1.0", "--epochs", "1"])
-    sources, manifests = train.load_sources(args)
-    plan = train.build_plan(args, sources, manifests, 8)
-    rows = [{r["id"]: r for r in m} for m in manifests]
+    plan, rows = direct_plan(setup, 8)
     step = next(s for s in range(plan.total_steps) if train.StepLoader(plan, rows, P.load_tokenizer(), 2, 4,
                                                                         slice(0, 4)).counts(s)[1])
     batches = {on: train.StepLoader(plan, rows, P.load_tokenizer(), 2, 4, slice(0, 4), device_features=on)(step)
@@ -466,11 +470,7 @@ def grads_out_step(config, trainable, frozen, batch, skip_audio_tower=False):
 
 def mixed_step(setup, group):
     """A direct step of 16 rows (4 recordings) in 4 micro-batches of 4, as drawn or grouped."""
-    args = train.parse_args(["--model", str(setup["model"]), "--train-manifest", str(setup["manifest"]),
-                             "--scheme", "direct", "--speech-fraction", "1.0", "--epochs", "1"])
-    sources, manifests = train.load_sources(args)
-    plan = train.build_plan(args, sources, manifests, 16)
-    rows = [{r["id"]: r for r in m} for m in manifests]
+    plan, rows = direct_plan(setup, 16)
     loader = train.StepLoader(plan, rows, P.load_tokenizer(), 4, 4, slice(0, 4), group_recordings=group)
     return loader, loader(0)
 
