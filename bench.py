@@ -779,10 +779,10 @@ def audio_tower_work(plan, lengths: dict, global_batch: int, micro_batch: int, f
         drawn += tower_micro_batches(keys, audio) * micro_batch * (frames or 0)
         grouped += tower_micro_batches(train.recordings_first(keys, is_recording), audio) * micro_batch * (frames or 0)
     tower = lambda row_frames: flops["audio_tower"] * row_frames / 2
+    saved = (tower(drawn) - tower(grouped)) / (positions * flops["decoder"] + tower(drawn))
     return {"row_frames_as_drawn": drawn, "row_frames_grouped": grouped,
             "recordings_share_as_drawn": round(real / drawn, 3), "recordings_share_grouped": round(real / grouped, 3),
-            "saved_7b_flops_share": round((tower(drawn) - tower(grouped)) / (positions * flops["decoder"] + tower(drawn)),
-                                          3)}
+            "saved_7b_flops_share": round(saved, 3)}
 
 
 def decode_shapes(slurp_dir: str, batch_sizes: tuple[int, ...] = (8, 16, 32)) -> list[dict]:

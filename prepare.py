@@ -753,6 +753,22 @@ def speak_utterance(rows: list[dict], utt: dict, voices: list[str], spec: dict, 
                      "speed": speed})
 
 
+def check_template_language(lspec: dict, at: str) -> None:
+    """One language of templates.json: its voices, and every template slot a non-empty list of values."""
+    voices, values = need(lspec, "voices", list, at), need(lspec, "values", dict, at)
+    if not voices or not all(isinstance(v, str) for v in voices):
+        raise ManifestError(f"{at}: field 'voices': expected a non-empty list of espeak-ng voice names")
+    for intent, templates in need(lspec, "templates", dict, at).items():
+        if "_" not in intent or not templates or not all(isinstance(t, str) for t in templates):
+            raise ManifestError(f"{at}.templates.{intent}: expected a SCENARIO_ACTION name and a non-empty list of "
+                                f"template strings")
+        slots = {name for t in templates for name in re.findall(r"\{(\w+)\}", t)}
+        empty = sorted(name for name in slots if not (isinstance(values.get(name), list) and values[name]))
+        if empty:
+            raise ManifestError(f"{at}.templates.{intent}: slot '{{{empty[0]}}}' has no non-empty list in the "
+                                f"language's 'values'")
+
+
 def check_templates(path: Path) -> dict:
     """templates.json, every field build_demo reads checked: a broken file is an error naming the field, not a
     KeyError after minutes of speaking."""
@@ -771,19 +787,7 @@ def check_templates(path: Path) -> dict:
     if not languages:
         raise ManifestError(f"{where}: field 'languages': expected at least one language")
     for lang, lspec in languages.items():
-        at = f"{where}: languages.{lang}"
-        voices, values = need(lspec, "voices", list, at), need(lspec, "values", dict, at)
-        if not voices or not all(isinstance(v, str) for v in voices):
-            raise ManifestError(f"{at}: field 'voices': expected a non-empty list of espeak-ng voice names")
-        for intent, templates in need(lspec, "templates", dict, at).items():
-            if "_" not in intent or not templates or not all(isinstance(t, str) for t in templates):
-                raise ManifestError(f"{at}.templates.{intent}: expected a SCENARIO_ACTION name and a non-empty list "
-                                    f"of template strings")
-            slots = {name for t in templates for name in re.findall(r"\{(\w+)\}", t)}
-            empty = sorted(name for name in slots if not (isinstance(values.get(name), list) and values[name]))
-            if empty:
-                raise ManifestError(f"{at}.templates.{intent}: slot '{{{empty[0]}}}' has no non-empty list in "
-                                    f"{lang}'s 'values'")
+        check_template_language(lspec, f"{where}: languages.{lang}")
     most = min(len(ls["voices"]) for ls in languages.values())
     heldout = need(spec, "heldout_per_intent", dict, where)
     if any(need(heldout, s, int, f"{where}: heldout_per_intent") < 0 for s in ("devel", "test")):

@@ -513,7 +513,7 @@ def test_bad_extra_test_is_an_error_naming_the_field_and_nothing_is_written(tmp_
     ("speech_rows_per_utterance", {"train": 9, "devel": 1, "test": 1}, "speech_rows_per_utterance.train: expected 0..4"),
     ("heldout_per_intent", {"devel": 1}, "heldout_per_intent: missing required field 'test'"),
     ("languages", {"en": {"voices": ["en-us"], "values": {}, "templates": {"alarm_set": ["wake me at {time}"]}}},
-     "languages.en.templates.alarm_set: slot '{time}' has no non-empty list in en's 'values'"),
+     "languages.en.templates.alarm_set: slot '{time}' has no non-empty list in the language's 'values'"),
 ])
 def test_a_broken_templates_file_is_an_error_naming_the_field_before_any_audio(tmp_path, capsys, field, value, message):
     path = tiny_templates(tmp_path, 1)
