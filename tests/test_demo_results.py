@@ -75,10 +75,11 @@ def test_committed_gold_is_the_demo_test_splits_speech_rows_and_its_audio_is_in_
 
 
 CELLS = [("text-only", "0%"), ("oracle", "0%"), ("direct", "10%"), ("direct", "50%"), ("curriculum", "10%"),
-         ("curriculum", "50%")]
+         ("curriculum", "50%"), ("curriculum+distill", "10%"), ("curriculum+distill-frozen", "10%"),
+         ("curriculum+gap", "10%")]
 
 
-def test_every_scheme_has_both_fractions_and_all_the_papers_five_seeds(per_seed):
+def test_every_scheme_has_both_fractions_the_variants_the_low_one_and_all_the_papers_five_seeds(per_seed):
     assert sorted(per_seed) == sorted(CELLS)
     assert all(len(v) == 5 for cell in per_seed.values() for v in cell.values())
 
