@@ -105,6 +105,13 @@ def config_for(args: LMArgs):
     return config
 
 
+def encoder_flops_per_frame(config) -> float:
+    """Training FLOPs of the audio tower per mel frame: 6 x its attention and MLP parameters per position, one
+    position per 2 frames (50 per second)."""
+    a = config.audio
+    return 6 * a.encoder_layers * (4 * a.d_model ** 2 + 2 * a.d_model * a.encoder_ffn_dim) / 2
+
+
 def model_flops_per_token(config, seq_len: int) -> float:
     t = config.text
     kv = t.num_key_value_heads * t.head_dim
@@ -724,7 +731,7 @@ def shapes_bench(args: ShapesArgs) -> dict:
     bucketings = {"ours": train.step_shape, "earlier (64 tokens, 1 s)": lambda tokens, frames: (round_up(tokens, 64), frames)}
     if len(args.micro_batch) != len(args.global_batch):
         raise InputError("--micro-batch: one per --global-batch")
-    flops = seven_b_flops_per_position()
+    from model.config import PRESETS
     runs = []
     for global_batch, micro_batch in zip(args.global_batch, args.micro_batch):
         for scheme, p in (("text-only", 0.0), ("direct", 0.02), ("direct", 0.1), ("direct", 1.0),
@@ -736,50 +743,34 @@ def shapes_bench(args: ShapesArgs) -> dict:
                 row[name] = {"step_shapes": len({s["shape"] for s in steps}),
                              "padding": round(sum(s["padding"] for s in steps) / len(steps), 3)}
             if p > 0:
-                row["audio_tower"] = audio_tower_work(plan, lengths, global_batch, micro_batch, flops)
+                row["audio_tower"] = audio_tower_work(plan, lengths, global_batch, micro_batch, PRESETS["7b"])
             runs.append(row)
     return {"rows": {"transcripts": len(texts), "recordings": len(speech)}, "runs": runs,
             "decode": decode_shapes(args.slurp_dir)}
 
 
-def seven_b_flops_per_position() -> dict[str, float]:
-    """Training FLOPs (6 x parameters: forward and backward matmuls, attention scores left out) per position of the
-    7b preset's audio tower (one per 2 mel frames) and decoder layers (one per token; the LM head, at the answer
-    tokens only, is left out)."""
-    import flax.linen as nn
-    import jax
-    import numpy as np
-    from model.config import get_config
-    from model.qwen2_audio import abstract_params
-    params = nn.unbox(abstract_params(get_config("7b")))
-    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-    tower = count(params["audio_tower"]) - count(params["audio_tower"]["embed_positions"])
-    decoder = count(params["language_model"]) - count(params["language_model"]["embed_tokens"])
-    return {"audio_tower": 6.0 * tower, "decoder": 6.0 * decoder}
-
-
-def audio_tower_work(plan, lengths: dict, global_batch: int, micro_batch: int, flops: dict) -> dict:
+def audio_tower_work(plan, lengths: dict, global_batch: int, micro_batch: int, config) -> dict:
     """The audio tower's work over a run, in rows x mel frames: as train.py runs it with the rows as drawn (every
     row of a micro-batch holding a recording) and with --group-recordings (train.recordings_first: transcript-only
-    micro-batches skip it); the recordings' own share; and what grouping saves of the 7b step's FLOPs (with the
-    decoder's over every padded token position)."""
+    micro-batches skip it); the recordings' own share; and what grouping saves of `config`'s training FLOPs
+    (model_flops_per_token over every padded token position, encoder_flops_per_frame)."""
     import train
 
     def tower_micro_batches(order: list, audio: set) -> int:
         return sum(any(k in audio for k in order[a:a + micro_batch]) for a in range(0, len(order), micro_batch))
 
-    drawn = grouped = real = positions = 0
+    drawn = grouped = real = decoder = 0
     for step, shape in enumerate(train.plan_step_shapes(plan, lengths, global_batch)):
         seq, frames = shape["shape"]
-        positions += global_batch * seq
+        decoder += global_batch * seq * model_flops_per_token(config, seq)
         keys = plan.step_keys(step)
         is_recording = [lengths[k][1] is not None for k in keys]
         audio = {k for k, r in zip(keys, is_recording) if r}
         real += sum(lengths[k][1] for k in audio)
         drawn += tower_micro_batches(keys, audio) * micro_batch * (frames or 0)
         grouped += tower_micro_batches(train.recordings_first(keys, is_recording), audio) * micro_batch * (frames or 0)
-    tower = lambda row_frames: flops["audio_tower"] * row_frames / 2
-    saved = (tower(drawn) - tower(grouped)) / (positions * flops["decoder"] + tower(drawn))
+    per_frame = encoder_flops_per_frame(config)
+    saved = per_frame * (drawn - grouped) / (decoder + per_frame * drawn)
     return {"row_frames_as_drawn": drawn, "row_frames_grouped": grouped,
             "recordings_share_as_drawn": round(real / drawn, 3), "recordings_share_grouped": round(real / grouped, 3),
             "saved_7b_flops_share": round(saved, 3)}
@@ -886,10 +877,8 @@ def step_appetite_7b(mfu: float) -> dict:
     """Speech rows/s the 7b step consumes at `mfu` on PIPELINE_7B's hardware: an estimate from model FLOPs."""
     from model.config import PRESETS
     config, w = PRESETS["7b"], PIPELINE_7B
-    a = config.audio
-    encoder_params = a.encoder_layers * (4 * a.d_model ** 2 + 2 * a.d_model * a.encoder_ffn_dim)
     flops_row = (w["decoder_tokens_per_row"] * model_flops_per_token(config, w["decoder_tokens_per_row"])
-                 + 6 * encoder_params * w["audio_frames_per_row"] // 2)  # the encoder runs at 50 positions/s
+                 + encoder_flops_per_frame(config) * w["audio_frames_per_row"])
     step_s = w["rows"] * flops_row / (w["gpus"] * PEAK_BF16_FLOPS[w["gpu"]] * mfu)
     return {**w, "mfu": mfu, "model_flops_per_row": float(flops_row), "step_s": round(step_s, 3),
             "rows_per_s": round(w["rows"] / step_s, 1)}

@@ -97,14 +97,17 @@ def test_pipeline_times_the_same_rows_both_ways_and_states_the_7b_appetite_from_
 
 def test_grouping_runs_the_audio_tower_on_the_fewest_micro_batches_that_hold_a_steps_recordings():
     import train
+    from model.config import get_config
     texts, speech = [f"t{i}" for i in range(5)], [f"s{i}" for i in range(3)]
     lengths = {**{(0, k): (40, None) for k in texts}, **{(0, k): (60, 300) for k in speech}}
     # a seed whose one step of 8 rows has its 3 recordings in 3 of the 4 micro-batches of 2
     plan = next(p for p in (train.make_plan("direct", 1, 8, [texts], [speech], [1.0], seed=s) for s in range(100))
                 if sum(any(k[1] in speech for k in p.step_keys(0)[a:a + 2]) for a in (0, 2, 4, 6)) == 3)
     (seq, frames), = {s["shape"] for s in train.plan_step_shapes(plan, lengths, 8)}
-    work = bench.audio_tower_work(plan, lengths, 8, 2, {"audio_tower": 2.0, "decoder": 1.0})
+    config = get_config("7b")
+    work = bench.audio_tower_work(plan, lengths, 8, 2, config)
     assert (work["row_frames_as_drawn"], work["row_frames_grouped"]) == (3 * 2 * frames, 2 * 2 * frames)
     assert work["recordings_share_grouped"] == round(3 * 300 / (4 * frames), 3)
-    saved = 2.0 * 2 * frames / 2  # one micro-batch of 2 rows x frames, at 2 FLOPs per tower position
-    assert work["saved_7b_flops_share"] == round(saved / (8 * seq + 2.0 * 3 * 2 * frames / 2), 3)
+    tower, decoder = bench.encoder_flops_per_frame(config), 8 * seq * bench.model_flops_per_token(config, seq)
+    saved = tower * 2 * frames  # one micro-batch of 2 rows x frames
+    assert work["saved_7b_flops_share"] == round(saved / (decoder + tower * 3 * 2 * frames), 3) > 0
