@@ -719,6 +719,11 @@ def speak(text: str, voice: str, speed: int, sample_rate: int) -> np.ndarray:
     return x[max(loud[0] - pad, 0):loud[-1] + pad] if len(loud) else x
 
 
+def template_slots(template: str) -> list[str]:
+    """The slot names of a demo template, in order: "wake me at {time}" -> ["time"]."""
+    return re.findall(r"\{(\w+)\}", template)
+
+
 def draw_fillings(templates: list[str], values: dict, rng: random.Random, want: int,
                   taken: frozenset[str] | set[str] = frozenset()) -> dict[str, list[dict]]:
     """Up to `want` distinct fillings of the templates (text -> its entities in utterance order) whose text is
@@ -729,7 +734,7 @@ def draw_fillings(templates: list[str], values: dict, rng: random.Random, want: 
         if len(texts) == want:
             break
         template = rng.choice(templates)
-        filled = {name: rng.choice(values[name]) for name in re.findall(r"\{(\w+)\}", template)}
+        filled = {name: rng.choice(values[name]) for name in template_slots(template)}
         text = template.format(**filled)
         order = sorted(filled, key=lambda name: template.index("{" + name + "}"))
         if text not in taken:
@@ -762,7 +767,7 @@ def check_template_language(lspec: dict, at: str) -> None:
         if "_" not in intent or not templates or not all(isinstance(t, str) for t in templates):
             raise ManifestError(f"{at}.templates.{intent}: expected a SCENARIO_ACTION name and a non-empty list of "
                                 f"template strings")
-        slots = {name for t in templates for name in re.findall(r"\{(\w+)\}", t)}
+        slots = {name for t in templates for name in template_slots(t)}
         empty = sorted(name for name in slots if not (isinstance(values.get(name), list) and values[name]))
         if empty:
             raise ManifestError(f"{at}.templates.{intent}: slot '{{{empty[0]}}}' has no non-empty list in the "

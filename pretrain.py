@@ -99,6 +99,7 @@ def normalise(text: str) -> str:
 
 def load_spec(path: Path) -> dict:
     """The corpus spec, with every field pretrain.py reads checked (file: field: what was expected)."""
+    from prepare import template_slots
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -117,7 +118,7 @@ def load_spec(path: Path) -> dict:
             if key not in ls:
                 raise InputError(f"{path}: languages.{lang}.{key} is missing")
         for k, template in enumerate(ls["templates"]):
-            for slot in re.findall(r"\{(\w+)\}", template):
+            for slot in template_slots(template):
                 if slot not in ls["values"]:
                     raise InputError(f"{path}: languages.{lang}.templates[{k}] {template!r} uses {{{slot}}}, "
                                      f"which languages.{lang}.values lacks")
@@ -155,6 +156,7 @@ def lexicon(lang_spec: dict, demo_lang_spec: dict | None) -> list[str]:
 def build_sentences(spec: dict, excluded: set[str], demo_spec: dict | None, per_language: int) -> list[dict]:
     """Distinct sentences per language, seeded: template fillings, then word strings up to `per_language`.
     Any sentence in `excluded` (normalised) is rejected, whatever produced it."""
+    from prepare import template_slots
     rng = random.Random(spec["seed"])
     lo, hi = spec["word_string_length"]
     out = []
@@ -172,7 +174,7 @@ def build_sentences(spec: dict, excluded: set[str], demo_spec: dict | None, per_
             if len(seen) >= n_templates:
                 break
             template = rng.choice(ls["templates"])
-            add(template.format(**{s: rng.choice(ls["values"][s]) for s in re.findall(r"\{(\w+)\}", template)}),
+            add(template.format(**{s: rng.choice(ls["values"][s]) for s in template_slots(template)}),
                 "template")
         words = lexicon(ls, (demo_spec or {}).get("languages", {}).get(lang))
         for _ in range(50 * per_language):

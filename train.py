@@ -1048,7 +1048,8 @@ def make_train_step(config, tx, dtype, remat_policy: str, distill: Distill | Non
 
     skip_audio_tower (--group-recordings): a micro-batch of transcripts only, in a step with recordings, skips the
     audio tower (lax.cond). Its rows hold no audio token, so the tower's output reaches no logit: the same loss to
-    the bit, and the same gradient but for XLA summing the embedding table's scatter-add in another order (1 ulp)."""
+    the bit, and the same gradient but for XLA summing the embedding table's scatter-add in another order (a few
+    entries differ in their last bits: tests/test_train.py)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -1347,8 +1348,8 @@ def result_settings(args: Args, plan: Plan, dtype: str) -> dict:
     on_device = device_features(args, jax.default_backend())
     settings.update(model=f"sha256:{model_digest(args.model)}" if os.path.isdir(args.model) else args.model,
                     audio_features="device" if on_device else "host",
-                    epochs=resolve_epochs(args), peak_lr=peak, last_epoch_peak_lr=last, compute_dtype=dtype, global_batch=plan.global_batch,
-                    plan_fingerprint=plan.fingerprint())
+                    epochs=resolve_epochs(args), peak_lr=peak, last_epoch_peak_lr=last, compute_dtype=dtype,
+                    global_batch=plan.global_batch, plan_fingerprint=plan.fingerprint())
     return json.loads(json.dumps(settings))  # tuples -> lists: the form the checkpoint stores
 
 
@@ -1653,7 +1654,7 @@ def train_phase(k: int, phase: Phase, params: dict, opt_leaves: list | None, fir
     else:
         opt_state = jax.tree.unflatten(jax.tree.structure(jax.eval_shape(tx.init, trainable)), opt_leaves)
     step_impl = make_train_step(config, tx, jnp.dtype(dtype), args.remat, make_distill(args),
-                                group_recordings(args, jax.default_backend()))
+                                loader.group_recordings)  # the skip pays where the loader grouped the rows
     # two jitted forms: without a teacher tree, and (--distill-teacher frozen, from teacher.start) with one
     step_fns = [jax.jit(step_impl, in_shardings=(train_sh, frozen_sh, opt_sh, m.batch_sh) + extra,
                         out_shardings=(train_sh, opt_sh, m.replicated), donate_argnums=(0, 2))
