@@ -970,34 +970,50 @@ def _global_max(*values: int) -> tuple[int, ...]:
 AUDIO_INPUTS = ("input_features", "input_waveforms", "n_samples", "feature_lengths")  # collate's recording arrays
 
 
-def answer_logits(params, config, mb: dict, dtype, remat_policy: str, prefix: str = ""):
-    """fp32 logits [b, A, V] of one micro-batch at the positions whose next token is an answer token (answer_index);
-    prefix "teacher_" reads the transcript inputs collate_teacher adds (no audio). With device features the host
-    sent waveforms: their log-mel is computed here (log_mel_jnp), then the model runs as on host features."""
+def answer_forward(params, config, mb: dict, dtype, remat_policy: str, prefix: str = "", hidden_only: bool = False):
+    """The model at the positions whose next token is an answer token (answer_index) of one micro-batch: fp32 logits
+    [b, A, V], or with hidden_only the hidden states [b, A, H] the LM head reads. prefix "teacher_" reads the
+    transcript inputs collate_teacher adds (no audio). With device features the host sent waveforms: their log-mel
+    is computed here (log_mel_jnp), then the model runs as on host features."""
     from model.processor import HOP_LENGTH, log_mel_jnp
     from model.qwen2_audio import forward
     features, lengths = (None, None) if prefix else (mb.get("input_features"), mb.get("feature_lengths"))
     if not prefix and "input_waveforms" in mb:
         features = log_mel_jnp(mb["input_waveforms"], mb["n_samples"], mb["input_waveforms"].shape[-1] // HOP_LENGTH)
     return forward(params, config, mb[prefix + "input_ids"], mb[prefix + "attention_mask"], features, lengths,
-                   dtype=dtype, remat_policy=remat_policy, logits_at=mb[prefix + "answer_index"])
+                   dtype=dtype, remat_policy=remat_policy, logits_at=mb[prefix + "answer_index"],
+                   hidden_only=hidden_only)
+
+
+def answer_logits(params, config, mb: dict, dtype, remat_policy: str, prefix: str = ""):
+    """fp32 logits [b, A, V] at the answer positions (answer_forward): what distillation compares."""
+    return answer_forward(params, config, mb, dtype, remat_policy, prefix)
+
+
+def answer_targets(mb: dict):
+    """(target token ids, loss mask) at the answer positions [b, A]."""
+    import jax.numpy as jnp
+    return (jnp.take_along_axis(mb["targets"], mb["answer_index"], axis=1),
+            jnp.take_along_axis(mb["loss_mask"], mb["answer_index"], axis=1))
 
 
 def answer_nll(logits, mb: dict):
     """(sum of token cross-entropies over the answer tokens, their count) from answer_logits."""
-    import jax
     import jax.numpy as jnp
-    from model.qwen2_audio import target_logits
-    targets = jnp.take_along_axis(mb["targets"], mb["answer_index"], axis=1)
-    mask = jnp.take_along_axis(mb["loss_mask"], mb["answer_index"], axis=1)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    target = target_logits(logits, targets)
-    return jnp.sum((logz - target) * mask), jnp.sum(mask)
+    from model.qwen2_audio import token_nll
+    targets, mask = answer_targets(mb)
+    return token_nll(logits, targets, mask), jnp.sum(mask)
 
 
 def answer_loss(params, config, mb: dict, dtype, remat_policy: str):
-    """(sum of token cross-entropies over answer tokens, their count) for one micro-batch. Logits are fp32."""
-    return answer_nll(answer_logits(params, config, mb, dtype, remat_policy), mb)
+    """(sum of token cross-entropies over answer tokens, their count) for one micro-batch: the model's hidden
+    states at the answer positions, then the LM head and the cross-entropy as one step (lm_head_nll: with a 156k
+    vocabulary the logits are made a chunk at a time, never all at once). Logits are fp32."""
+    import jax.numpy as jnp
+    from model.qwen2_audio import lm_head_nll
+    hidden = answer_forward(params, config, mb, dtype, remat_policy, hidden_only=True)
+    targets, mask = answer_targets(mb)
+    return lm_head_nll(hidden, params["lm_head"]["kernel"], targets, mask, dtype), jnp.sum(mask)
 
 
 def distill_kl(student_logits, teacher_logits, mask, temperature: float):
@@ -1059,10 +1075,11 @@ def make_train_step(config, tx, dtype, remat_policy: str, distill: Distill | Non
 
         def loss_fn(tr, mb):
             params = merge_params(frozen, tr)
-            student = answer_logits(params, config, mb, dtype, remat_policy)
-            nll, n = answer_nll(student, mb)
             if not distilling:
+                nll, n = answer_loss(params, config, mb, dtype, remat_policy)
                 return nll, (nll, jnp.float32(0), n)
+            student = answer_logits(params, config, mb, dtype, remat_policy)  # the KL needs them all
+            nll, n = answer_nll(student, mb)
             source = jax.lax.stop_gradient(params) if distill.teacher == "self" else teacher
             target = answer_logits(source, config, mb, dtype, "none", prefix="teacher_")
             kl = distill_kl(student, jax.lax.stop_gradient(target), mb["distill_mask"], distill.temperature)

@@ -364,12 +364,13 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, input_features=None, feature_lengths=None, positions=None,
-                 cache=None, logits_at=None):
+                 cache=None, logits_at=None, hidden_only=False):
         """Returns (logits [B, S, V] float32, updated cache or None).
 
         logits_at [B, A] (optional): compute logits only at these positions -> [B, A, V]. Training needs them
         only where an answer token is predicted; with a 156k vocabulary the full [B, S, V] logits would dominate
-        the step's time and memory.
+        the step's time and memory. hidden_only: return the final normed hidden states [B, S or A, H] instead of
+        logits, for lm_head_nll (the LM head fused with the cross-entropy).
 
         input_ids already contain one <|AUDIO|> per audio output token (the caller expanded them); row b's k-th
         audio token takes audio output k of row b. With `cache`, this call's tokens are appended at the cache's
@@ -414,6 +415,8 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         h, layer_cache = lm(x, positions, allowed, layer_cache, write_index)
         if logits_at is not None:
             h = jnp.take_along_axis(h, logits_at[:, :, None], axis=1)
+        if hidden_only:
+            return h, None
         logits = _dense(cfg.text.vocab_size, ("embed", "vocab"), False, self.dtype, self.param_dtype,
                         name="lm_head")(h).astype(jnp.float32)
         if cache is None:
@@ -445,14 +448,16 @@ def abstract_params(config: Qwen2AudioConfig, param_dtype=jnp.float32) -> dict:
 
 
 def forward(params, config: Qwen2AudioConfig, input_ids, attention_mask, input_features=None, feature_lengths=None,
-            positions=None, *, dtype=jnp.float32, remat_policy: str = "none", logits_at=None) -> Array:
-    """Logits [B, S, V] (float32), or [B, A, V] at the positions `logits_at` [B, A].
+            positions=None, *, dtype=jnp.float32, remat_policy: str = "none", logits_at=None,
+            hidden_only: bool = False) -> Array:
+    """Logits [B, S, V] (float32), or [B, A, V] at the positions `logits_at` [B, A]; with hidden_only, the final
+    hidden states [B, S or A, H] that the LM head would read (for lm_head_nll).
     input_features=None: a text-only batch (the encoder is skipped)."""
     _check_audio_tokens(config, input_ids, input_features, feature_lengths)
     model = Qwen2AudioForConditionalGeneration(config, dtype=dtype, remat_policy=remat_policy)
-    logits, _ = model.apply({"params": params}, input_ids, attention_mask, input_features, feature_lengths,
-                            positions, None, logits_at)
-    return logits
+    out, _ = model.apply({"params": params}, input_ids, attention_mask, input_features, feature_lengths,
+                         positions, None, logits_at, hidden_only)
+    return out
 
 
 # KV cache. A plain dict pytree; its batch axis differs per leaf (beam search reorders with jnp.take):
@@ -476,6 +481,108 @@ def _target_logits_bwd(res, g):
 
 target_logits.defvjp(lambda logits, targets: (target_logits(logits, targets), (targets, logits.shape)),
                      _target_logits_bwd)
+
+
+def token_nll(logits: Array, targets: Array, mask: Array) -> Array:
+    """sum over the masked positions of the cross-entropy of fp32 logits [..., V] at targets [...]."""
+    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logits(logits, targets)) * mask)
+
+
+# The LM head fused with the cross-entropy (lm_head_nll): vocabulary columns per chunk. A vocabulary of at most this
+# many columns takes the plain path (the module's lm_head, then token_nll): the miniature's 1,667 do, so its
+# numbers are those of an ordinary LM head to the bit.
+LM_HEAD_CHUNK = 16384
+
+
+def lm_head_logits(h: Array, kernel: Array, dtype) -> Array:
+    """fp32 logits of hidden states h [..., H] through the LM head `kernel` [H, V]: the module's own lm_head."""
+    dense = _dense(kernel.shape[1], ("embed", "vocab"), False, dtype, kernel.dtype, name="lm_head")
+    return dense.apply({"params": {"kernel": kernel}}, h).astype(jnp.float32)
+
+
+def lm_head_nll(h: Array, kernel: Array, targets: Array, mask: Array, dtype) -> Array:
+    """token_nll(lm_head_logits(h, kernel, dtype), targets, mask), without ever holding all of the logits when the
+    vocabulary is larger than LM_HEAD_CHUNK: the forward keeps a running max and sum of exponentials over chunks of
+    the vocabulary (each chunk's logits are made and dropped); the backward makes each chunk's logits again and
+    turns them into that chunk's softmax gradient, its share of dL/dh and its columns of dL/dkernel. One matmul more
+    than autodiff (4 instead of 3), but on a CPU a chunk's logits stay in cache instead of a [rows, 156k] array
+    going to memory 4-5 times (bench.py step), and on an accelerator the [rows, V] fp32 logits and their gradient
+    are never in memory at once. The same numbers to float32 rounding (tests/test_model.py, against torch)."""
+    if kernel.shape[1] <= LM_HEAD_CHUNK:
+        return token_nll(lm_head_logits(h, kernel, dtype), targets, mask)
+    return _chunked_nll(h.reshape(-1, h.shape[-1]), targets.reshape(-1).astype(jnp.int32),
+                        mask.reshape(-1).astype(jnp.float32), kernel, jnp.dtype(dtype), LM_HEAD_CHUNK)
+
+
+def _vocab_chunks(vocab: int, chunk: int):
+    """(number of full chunks, width of the last partial chunk or 0)."""
+    return vocab // chunk, vocab % chunk
+
+
+def _chunk_logits(h, kernel, start, width, dtype):
+    """fp32 logits [N, width] of the vocabulary columns [start, start + width), computed as the lm_head does."""
+    cols = jax.lax.dynamic_slice_in_dim(kernel, start, width, axis=1)
+    return jnp.dot(h.astype(dtype), cols.astype(dtype)).astype(jnp.float32), cols
+
+
+def _chunked_logz_and_target(h, targets, kernel, dtype, chunk):
+    """Per row: log-sum-exp of its logits and the logit of its target, one vocabulary chunk at a time."""
+    n_full, rest = _vocab_chunks(kernel.shape[1], chunk)
+
+    def add_chunk(carry, start, width):
+        running_max, sum_exp, target = carry
+        logits, _ = _chunk_logits(h, kernel, start, width, dtype)
+        new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+        sum_exp = sum_exp * jnp.exp(running_max - new_max) + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1)
+        local = targets - start
+        here = (local >= 0) & (local < width)
+        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, width - 1)[:, None], axis=-1)[:, 0]
+        return new_max, sum_exp, target + jnp.where(here, picked, 0.0)
+
+    rows = h.shape[0]
+    carry = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.float32))
+    carry = jax.lax.fori_loop(0, n_full, lambda k, c: add_chunk(c, k * chunk, chunk), carry)
+    if rest:
+        carry = add_chunk(carry, n_full * chunk, rest)
+    running_max, sum_exp, target = carry
+    return running_max + jnp.log(sum_exp), target
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_nll(h, targets, mask, kernel, dtype, chunk):
+    logz, target = _chunked_logz_and_target(h, targets, kernel, dtype, chunk)
+    return jnp.sum((logz - target) * mask)
+
+
+def _chunked_nll_fwd(h, targets, mask, kernel, dtype, chunk):
+    logz, target = _chunked_logz_and_target(h, targets, kernel, dtype, chunk)
+    return jnp.sum((logz - target) * mask), (h, targets, mask, kernel, logz)
+
+
+def _chunked_nll_bwd(dtype, chunk, res, g):
+    h, targets, mask, kernel, logz = res
+    n_full, rest = _vocab_chunks(kernel.shape[1], chunk)
+    weight = (g * mask)[:, None]
+    h_c = h.astype(dtype)
+
+    def add_chunk(carry, start, width):
+        dh, dkernel = carry
+        logits, cols = _chunk_logits(h, kernel, start, width, dtype)
+        vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) + start
+        dlogits = ((jnp.exp(logits - logz[:, None]) - (vocab == targets[:, None])) * weight).astype(dtype)
+        dh = dh + jnp.dot(dlogits, cols.astype(dtype).T).astype(h.dtype)
+        dcols = jnp.dot(h_c.T, dlogits).astype(kernel.dtype)
+        return dh, jax.lax.dynamic_update_slice_in_dim(dkernel, dcols, start, axis=1)
+
+    carry = (jnp.zeros_like(h), jnp.zeros_like(kernel))
+    carry = jax.lax.fori_loop(0, n_full, lambda k, c: add_chunk(c, k * chunk, chunk), carry)
+    if rest:
+        carry = add_chunk(carry, n_full * chunk, rest)
+    dh, dkernel = carry
+    return dh, None, None, dkernel
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
 def init_cache(config: Qwen2AudioConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:

@@ -10,6 +10,7 @@ import json
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -372,10 +373,14 @@ def test_remat_policies_give_the_same_gradients_as_no_remat(models):
         qa.forward(params, CONFIG, ids, mask, feats, lengths, remat_policy="some")
 
 
-def test_answer_loss_gradients_match_torch_autograd_for_every_parameter(models):
+@pytest.mark.parametrize("lm_head_chunk", [qa.LM_HEAD_CHUNK, 96], ids=["one-chunk", "chunked"])
+def test_answer_loss_gradients_match_torch_autograd_for_every_parameter(models, monkeypatch, lm_head_chunk):
     # The training loss's gradient, against the reference's autograd: the convolutions' kernel gradients (a matmul
-    # over shifted copies here, conv1d's backward there) and the target logit's (a select here, a scatter there).
+    # over shifted copies here, conv1d's backward there) and the target logit's (a select here, a scatter there);
+    # "chunked": the LM head fused with the cross-entropy over 10 chunks of 96 columns and one of 40, as a 156k
+    # vocabulary takes it.
     import train
+    monkeypatch.setattr(qa, "LM_HEAD_CHUNK", lm_head_chunk)
     model, params = models
     rng = np.random.default_rng(7)
     frames, bucket = 301, 304
@@ -386,10 +391,11 @@ def test_answer_loss_gradients_match_torch_autograd_for_every_parameter(models):
     mb = {"targets": jnp.asarray(np.roll(ids, -1, axis=1), jnp.int32), "answer_index": jnp.asarray(answer, jnp.int32),
           "loss_mask": jnp.asarray((np.arange(S) >= S - 7) & (np.arange(S) < S - 1), jnp.float32)[None]}
 
+    mb.update(input_ids=jnp.asarray(ids, jnp.int32), attention_mask=jnp.ones(ids.shape, jnp.int32),
+              input_features=jnp.asarray(feats[:, :, :bucket]), feature_lengths=jnp.asarray([frames]))
+
     def loss(p):
-        logits = qa.forward(p, CONFIG, jnp.asarray(ids, jnp.int32), jnp.ones(ids.shape, jnp.int32),
-                            jnp.asarray(feats[:, :, :bucket]), jnp.asarray([frames]), logits_at=mb["answer_index"])
-        return train.answer_nll(logits, mb)[0]
+        return train.answer_loss(p, CONFIG, mb, jnp.float32, "none")[0]
 
     ours = jax.jit(jax.grad(loss))(params)
     out = model(input_ids=torch.as_tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long),
@@ -408,6 +414,60 @@ def test_answer_loss_gradients_match_torch_autograd_for_every_parameter(models):
         scale = float(jnp.max(jnp.abs(r)))
         assert scale > 0, jax.tree_util.keystr(path)  # every parameter gets a gradient from this row
         assert float(jnp.max(jnp.abs(g - r))) <= 1e-5 * scale, jax.tree_util.keystr(path)
+
+
+def _head_case(rng, rows=(2, 7), hidden=24, vocab=1003):
+    h = rng.standard_normal((*rows, hidden)).astype(np.float32)
+    kernel = (0.3 * rng.standard_normal((hidden, vocab))).astype(np.float32)
+    targets = rng.integers(0, vocab, rows)
+    targets[0, :3] = (0, vocab - 1, 96 * 10 + 5)  # the first column, the last, one in the partial last chunk
+    mask = (rng.random(rows) < 0.8).astype(np.float32)
+    return h, kernel, targets, mask
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_lm_head_loss_over_vocabulary_chunks_is_torchs_cross_entropy_with_its_gradients(monkeypatch, dtype, tol):
+    # 1,003 columns in chunks of 96: ten full ones and a partial one of 43; targets at both ends and in the last.
+    monkeypatch.setattr(qa, "LM_HEAD_CHUNK", 96)
+    h, kernel, targets, mask = _head_case(np.random.default_rng(0))
+    loss = lambda h_, k_: qa.lm_head_nll(h_, k_, jnp.asarray(targets), jnp.asarray(mask), dtype)
+    value, (dh, dkernel) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(jnp.asarray(h), jnp.asarray(kernel))
+    th, tk = torch.tensor(h, requires_grad=True), torch.tensor(kernel, requires_grad=True)
+    ce = torch.nn.functional.cross_entropy((th @ tk).reshape(-1, kernel.shape[1]), torch.as_tensor(targets).reshape(-1),
+                                           reduction="none")
+    ref = (ce * torch.as_tensor(mask).reshape(-1)).sum()
+    ref.backward()
+    assert float(value) == pytest.approx(ref.item(), rel=tol)
+    for ours, theirs in ((dh, th.grad), (dkernel, tk.grad)):
+        scale = float(theirs.abs().max())
+        assert float(jnp.max(jnp.abs(ours.astype(jnp.float32) - theirs.numpy()))) <= tol * scale
+
+
+def test_lm_head_loss_over_vocabulary_chunks_never_holds_a_row_of_all_the_logits(monkeypatch):
+    # The point of the chunks: no array of the loss or its gradient spans the vocabulary but the kernel and its
+    # gradient ([H, V]); the plain path's logits and softmax ([rows, V]) are what this would catch.
+    h, kernel, targets, mask = _head_case(np.random.default_rng(1))
+    args = jnp.asarray(h), jnp.asarray(kernel)
+
+    def widest_but_the_kernel(chunk):
+        monkeypatch.setattr(qa, "LM_HEAD_CHUNK", chunk)
+        loss = lambda h_, k_: qa.lm_head_nll(h_, k_, jnp.asarray(targets), jnp.asarray(mask), jnp.float32)
+        jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(*args)
+        widths = set()
+
+        def walk(jp):
+            for eqn in jp.eqns:
+                for var in eqn.outvars:
+                    shape = getattr(var.aval, "shape", ())
+                    if shape and shape != kernel.shape:
+                        widths.add(shape[-1])
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+        walk(jaxpr.jaxpr)
+        return max(widths)
+
+    assert widest_but_the_kernel(qa.LM_HEAD_CHUNK) == kernel.shape[1]  # one chunk: the plain head holds them all
+    assert widest_but_the_kernel(96) == 96
 
 
 @pytest.mark.parametrize("stride", [1, 2])
