@@ -415,15 +415,13 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         h, layer_cache = lm(x, positions, allowed, layer_cache, write_index)
         if logits_at is not None:
             h = jnp.take_along_axis(h, logits_at[:, :, None], axis=1)
-        if hidden_only:
-            return h, None
-        logits = _dense(cfg.text.vocab_size, ("embed", "vocab"), False, self.dtype, self.param_dtype,
-                        name="lm_head")(h).astype(jnp.float32)
+        out = h if hidden_only else _dense(cfg.text.vocab_size, ("embed", "vocab"), False, self.dtype,
+                                           self.param_dtype, name="lm_head")(h).astype(jnp.float32)
         if cache is None:
-            return logits, None
+            return out, None
         new_cache = {"k": layer_cache["k"], "v": layer_cache["v"], "mask": key_valid,
                      "index": write_index + S, "pos": pos0 + jnp.sum(attention_mask, axis=1)}
-        return logits, new_cache
+        return out, new_cache
 
 
 # ---------------------------------------------------------------------------------------------------------------
