@@ -568,16 +568,17 @@ def _chunked_nll_bwd(dtype, chunk, res, g):
         logits, cols = _chunk_logits(h, kernel, start, width, dtype)
         vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) + start
         dlogits = ((jnp.exp(logits - logz[:, None]) - (vocab == targets[:, None])) * weight).astype(dtype)
-        dh = dh + jnp.dot(dlogits, cols.astype(dtype).T).astype(h.dtype)
+        # dL/dh sums over the chunks: in float32, whatever the compute dtype, then rounded once
+        dh = dh + jnp.dot(dlogits, cols.astype(dtype).T, preferred_element_type=jnp.float32)
         dcols = jnp.dot(h_c.T, dlogits).astype(kernel.dtype)
         return dh, jax.lax.dynamic_update_slice_in_dim(dkernel, dcols, start, axis=1)
 
-    carry = (jnp.zeros_like(h), jnp.zeros_like(kernel))
+    carry = (jnp.zeros(h.shape, jnp.float32), jnp.zeros_like(kernel))
     carry = jax.lax.fori_loop(0, n_full, lambda k, c: add_chunk(c, k * chunk, chunk), carry)
     if rest:
         carry = add_chunk(carry, n_full * chunk, rest)
     dh, dkernel = carry
-    return dh, None, None, dkernel
+    return dh.astype(h.dtype), None, None, dkernel
 
 
 _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
