@@ -512,9 +512,12 @@ def lm_head_nll(h: Array, kernel: Array, targets: Array, mask: Array, dtype) -> 
                         mask.reshape(-1).astype(jnp.float32), kernel, jnp.dtype(dtype), LM_HEAD_CHUNK)
 
 
-def _vocab_chunks(vocab: int, chunk: int):
-    """(number of full chunks, width of the last partial chunk or 0)."""
-    return vocab // chunk, vocab % chunk
+def _over_vocab_chunks(add_chunk, vocab: int, chunk: int, carry):
+    """carry through add_chunk(carry, start, width) for each chunk of the vocabulary's columns: the full chunks in a
+    loop, then the partial last one (its own static width) if there is one."""
+    n_full, rest = divmod(vocab, chunk)
+    carry = jax.lax.fori_loop(0, n_full, lambda k, c: add_chunk(c, k * chunk, chunk), carry)
+    return add_chunk(carry, n_full * chunk, rest) if rest else carry
 
 
 def _chunk_logits(h, kernel, start, width, dtype):
@@ -525,8 +528,6 @@ def _chunk_logits(h, kernel, start, width, dtype):
 
 def _chunked_logz_and_target(h, targets, kernel, dtype, chunk):
     """Per row: log-sum-exp of its logits and the logit of its target, one vocabulary chunk at a time."""
-    n_full, rest = _vocab_chunks(kernel.shape[1], chunk)
-
     def add_chunk(carry, start, width):
         running_max, sum_exp, target = carry
         logits, _ = _chunk_logits(h, kernel, start, width, dtype)
@@ -539,10 +540,7 @@ def _chunked_logz_and_target(h, targets, kernel, dtype, chunk):
 
     rows = h.shape[0]
     carry = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.float32))
-    carry = jax.lax.fori_loop(0, n_full, lambda k, c: add_chunk(c, k * chunk, chunk), carry)
-    if rest:
-        carry = add_chunk(carry, n_full * chunk, rest)
-    running_max, sum_exp, target = carry
+    running_max, sum_exp, target = _over_vocab_chunks(add_chunk, kernel.shape[1], chunk, carry)
     return running_max + jnp.log(sum_exp), target
 
 
@@ -559,7 +557,6 @@ def _chunked_nll_fwd(h, targets, mask, kernel, dtype, chunk):
 
 def _chunked_nll_bwd(dtype, chunk, res, g):
     h, targets, mask, kernel, logz = res
-    n_full, rest = _vocab_chunks(kernel.shape[1], chunk)
     weight = (g * mask)[:, None]
     h_c = h.astype(dtype)
 
@@ -573,11 +570,8 @@ def _chunked_nll_bwd(dtype, chunk, res, g):
         dcols = jnp.dot(h_c.T, dlogits).astype(kernel.dtype)
         return dh, jax.lax.dynamic_update_slice_in_dim(dkernel, dcols, start, axis=1)
 
-    carry = (jnp.zeros(h.shape, jnp.float32), jnp.zeros_like(kernel))
-    carry = jax.lax.fori_loop(0, n_full, lambda k, c: add_chunk(c, k * chunk, chunk), carry)
-    if rest:
-        carry = add_chunk(carry, n_full * chunk, rest)
-    dh, dkernel = carry
+    dh, dkernel = _over_vocab_chunks(add_chunk, kernel.shape[1], chunk,
+                                     (jnp.zeros(h.shape, jnp.float32), jnp.zeros_like(kernel)))
     return dh.astype(h.dtype), None, None, dkernel
 
 
