@@ -787,18 +787,20 @@ def decode_shapes(slurp_dir: str, batch_sizes: tuple[int, ...] = (8, 16, 32)) ->
     for line in (Path(slurp_dir) / "test.jsonl").read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
         n_text = len(P.encode_prompt(tok, P.build_prompt(r["sentence"], audio=False)))
-        text.append({"from_audio": False, "key": (1, 0.0, n_text), "tokens": n_text, "frames": None})
+        text.append({"from_audio": False, "key": (1, 0.0, n_text), "tokens": n_text, "text_tokens": n_text,
+                     "frames": None})
         seconds = min(15.0, 0.6 + 0.38 * len(r["sentence"].split()))
         frames = P.num_frames(int(seconds * P.SAMPLE_RATE))
         audio += [{"from_audio": True, "key": (0, seconds, audio_prompt + 1), "frames": frames,
-                   "tokens": audio_prompt + int(P.num_audio_tokens(frames))} for _ in r["recordings"]]
+                   "text_tokens": audio_prompt, "tokens": audio_prompt + int(P.num_audio_tokens(frames))}
+                  for _ in r["recordings"]]
     out = []
     for batch_size in batch_sizes:
         for name, items in (("recordings", audio), ("transcripts", text)):
             shapes, real, padded = set(), 0, 0
             for chunk in infer.batches(sorted(items, key=lambda item: item["key"]), batch_size):
-                seq = infer.token_bucket(max(item["tokens"] for item in chunk))
                 frames = infer.frame_bucket(max(item["frames"] for item in chunk)) if chunk[0]["from_audio"] else None
+                seq = infer.prompt_columns(max(item["text_tokens"] for item in chunk), frames)
                 shapes.add((seq, frames))
                 real, padded = real + sum(item["tokens"] for item in chunk), padded + batch_size * seq
             out.append({"batch_size": batch_size, "input": name, "rows": len(items), "batch_shapes": len(shapes),

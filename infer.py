@@ -287,6 +287,19 @@ def token_bucket(n_tokens: int) -> int:
     return processor.seq_bucket(n_tokens)
 
 
+def prompt_columns(longest_text: int, frames: int | None) -> int:
+    """Columns of a batch whose longest prompt has longest_text tokens besides its <|AUDIO|> tokens, for clips in
+    the `frames` audio bucket, or of text prompts (frames None: the prompt's bucket, token_bucket).
+
+    An audio batch gets the longest prompt a clip of its bucket can make: the text and the bucket's audio tokens.
+    Every audio prompt has the same text, so each audio bucket is one shape and a run compiles one decode program
+    per audio bucket, where prompt buckets within an audio bucket made more (the demo test set: 1 instead of 2,
+    2-3 s of compilation on a CPU; SLURP's test split: bench.py shapes)."""
+    if frames is None:
+        return token_bucket(longest_text)
+    return longest_text + int(processor.num_audio_tokens(frames))
+
+
 def frame_bucket(n_frames: int) -> int:
     """Mel frames of a batch whose longest clip has n_frames: the clip and the 2 frames the encoder's
     convolutions read past it (processor.bucket_frames), in train.py's audio buckets (4, 8, 16, 30 s)."""
@@ -295,12 +308,13 @@ def frame_bucket(n_frames: int) -> int:
 
 def make_batch(items: list[dict], tok, batch_size: int, pad_id: int) -> dict:
     """Left-padded numpy arrays for one batch (all audio rows or all text rows), padded to its shape bucket:
-    batch_size rows, the prompt length and the audio in their buckets (token_bucket, frame_bucket).
+    batch_size rows, the audio in its bucket (frame_bucket) and the prompt in the columns of that bucket
+    (prompt_columns).
 
     Padding rows repeat the first row (an all-masked row would attend to nothing) and are dropped afterwards.
     """
     rows = list(range(len(items))) + [0] * (batch_size - len(items))
-    batch = {"input_features": None, "feature_lengths": None}
+    batch, frames, n_audio = {"input_features": None, "feature_lengths": None}, None, [0] * len(items)
     if items[0]["from_audio"]:
         waves = [processor.load_audio(item["row"]["audio"]) for item in items]
         # Features computed straight at the bucket length, so every frame past a clip's end is the reference's own
@@ -308,13 +322,13 @@ def make_batch(items: list[dict], tok, batch_size: int, pad_id: int) -> dict:
         frames = frame_bucket(max(processor.num_frames(len(w)) for w in waves))
         out = [processor.log_mel_features(w, out_frames=frames) for w in waves]
         n_frames = [n for _, n in out]
-        ids = [processor.encode_prompt(tok, item["prompt"], int(processor.num_audio_tokens(n)))
-               for item, n in zip(items, n_frames)]
+        n_audio = [int(processor.num_audio_tokens(n)) for n in n_frames]
+        ids = [processor.encode_prompt(tok, item["prompt"], n) for item, n in zip(items, n_audio)]
         batch["input_features"] = np.stack([out[r][0] for r in rows])
         batch["feature_lengths"] = np.array([n_frames[r] for r in rows], np.int32)
     else:
         ids = [processor.encode_prompt(tok, item["prompt"]) for item in items]
-    seq = token_bucket(max(len(x) for x in ids))
+    seq = prompt_columns(max(len(x) - n for x, n in zip(ids, n_audio)), frames)
     batch["input_ids"] = np.full((batch_size, seq), pad_id, np.int32)
     batch["attention_mask"] = np.zeros((batch_size, seq), np.int32)
     for b, r in enumerate(rows):
@@ -491,7 +505,10 @@ def aot_shape(args: Args, tok) -> tuple[int, int | None]:
             raise InputError(f"--aot-seq-len {args.aot_seq_len}: the prompt of a {args.aot_audio_seconds:g} s clip "
                              f"has {needed} tokens ({int(processor.num_audio_tokens(frames))} of them audio); "
                              f"give at least {needed}, or leave --aot-seq-len out")
-        return token_bucket(args.aot_seq_len or needed), frame_bucket(frames)
+        if args.aot_seq_len is not None:
+            return token_bucket(args.aot_seq_len), frame_bucket(frames)
+        return prompt_columns(needed - int(processor.num_audio_tokens(frames)), frame_bucket(frames)), \
+            frame_bucket(frames)
     if args.aot_seq_len is not None:
         return token_bucket(args.aot_seq_len), None
     rows = read_manifest(args.manifest, check_audio_exists=args.input == "auto")
@@ -501,9 +518,9 @@ def aot_shape(args: Args, tok) -> tuple[int, int | None]:
         return token_bucket(max(item["key"][2] for item in items)), None
     # key: (0, seconds, prompt tokens with one audio token). The 16 kHz waveform has ceil(seconds * 16000)
     # samples (load_audio's resampling); the 1e-6 keeps a float just above a whole count from adding one.
-    frames = [processor.num_frames(math.ceil(item["key"][1] * processor.SAMPLE_RATE - 1e-6)) for item in audio]
-    tokens = [item["key"][2] - 1 + int(processor.num_audio_tokens(n)) for item, n in zip(audio, frames)]
-    return token_bucket(max(tokens)), frame_bucket(max(frames))
+    frames = frame_bucket(max(processor.num_frames(math.ceil(item["key"][1] * processor.SAMPLE_RATE - 1e-6))
+                              for item in audio))
+    return prompt_columns(max(item["key"][2] - 1 for item in audio), frames), frames
 
 
 def aot_main(args: Args) -> int:

@@ -199,6 +199,45 @@ def test_beam_search_on_a_data_fsdp_tensor_mesh_equals_one_device(eos_prone):
     assert got == expected
 
 
+def full_top_k(logits, run_scores, beams_to_keep):
+    """The definition: top K of log_softmax + the beam's score over all k*V continuations of a row."""
+    batch, k, vocab = logits.shape
+    accumulated = jax.nn.log_softmax(logits, axis=-1) + run_scores[:, :, None]
+    return jax.lax.top_k(accumulated.reshape(batch, k * vocab), beams_to_keep)
+
+
+@pytest.mark.parametrize("vocab", [512, 1667, 5000])  # whole groups; a partial last group (the miniature's 1,667)
+@pytest.mark.parametrize("ties", [False, True])
+def test_grouped_top_continuations_are_the_full_top_k_even_with_ties_and_impossible_beams(vocab, ties):
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((4, 3, vocab)).astype(np.float32) * 3
+    if ties:  # many equal logits: the kept entries and their order must still be top_k's (lower index first)
+        logits = np.round(logits)
+    scores = rng.standard_normal((4, 3)).astype(np.float32)
+    scores[0, 1:] = generate.NEG_INF  # the first step: only beam 0 is live
+    scores[1, 2] = generate.NEG_INF   # a row with fewer live beams than k
+    got = jax.jit(generate._top_continuations, static_argnums=2)(jnp.asarray(logits), jnp.asarray(scores), 6)
+    expected = full_top_k(jnp.asarray(logits), jnp.asarray(scores), 6)
+    assert vocab * 3 > 6 * generate.TOPK_GROUP  # the grouped path, not the fallback
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(expected[1]))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(expected[0]))  # the same floats, bit for bit
+
+
+def test_reordered_cache_takes_each_beam_from_its_source_beam_of_the_same_row():
+    config = Qwen2AudioConfig.from_hf_dict(hf_config(V, AUDIO_ID).to_dict())
+    batch, k = 3, 3
+    cache = qwen2_audio.init_cache(config, batch * k, 7)
+    cache = {name: (x if x.ndim == 0 else jnp.arange(x.size, dtype=x.dtype).reshape(x.shape))
+             for name, x in cache.items()}
+    source = np.array([[2, 0, 0], [1, 1, 2], [0, 2, 1]], np.int32)
+    got = generate._reorder_cache(cache, jnp.asarray(source))
+    flat = (np.arange(batch)[:, None] * k + source).reshape(-1)  # row b's beam j <- row b's beam source[b, j]
+    for name, x in cache.items():
+        axis = qwen2_audio.CACHE_BATCH_AXIS[name]
+        want = np.asarray(x) if axis is None else np.take(np.asarray(x), flat, axis=axis)
+        np.testing.assert_array_equal(np.asarray(got[name]), want, err_msg=name)
+
+
 # ---- infer.py -----------------------------------------------------------------------------------------------------
 
 REAL_VOCAB = 151936  # covers the real tokenizer's ids (151,649) so prompts come from processor.load_tokenizer
@@ -490,6 +529,22 @@ def speech_manifest(root: Path) -> Path:
     manifest = root / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return manifest
+
+
+def test_audio_batches_of_one_audio_bucket_share_one_shape_whatever_their_clips(tmp_path):
+    tok = infer.load_tokenizer(None)
+    shapes = set()
+    for seconds in (1.3, 2.2, 3.9):  # all in the 4 s bucket, three prompt lengths
+        soundfile.write(tmp_path / "c.wav", np.zeros(int(16000 * seconds), np.float32), 16000)
+        row = {"id": "c", "lang": "en", "text": "x", "audio": str(tmp_path / "c.wav")}
+        items = infer.plan_rows([row], tok, use_audio=True, source="m.jsonl")
+        batch = infer.make_batch(items, tok, 2, processor.special_ids(tok).pad)
+        shapes.add((batch["input_ids"].shape, batch["input_features"].shape))
+        assert batch["attention_mask"].sum() == 2 * infer.audio_prompt_tokens(tok, processor.num_frames(
+            int(16000 * seconds)))  # the real prompt is all there, left-padded
+    # one shape: the prompt of the longest clip the bucket holds (its 100 audio tokens and the instruction)
+    assert shapes == {((2, infer.audio_prompt_tokens(tok, processor.AUDIO_BUCKETS[0])),
+                       (2, N_MELS, processor.AUDIO_BUCKETS[0]))}
 
 
 def test_aot_shape_is_the_shape_of_the_largest_batch_infer_builds(tmp_path):
