@@ -505,10 +505,10 @@ def aot_shape(args: Args, tok) -> tuple[int, int | None]:
             raise InputError(f"--aot-seq-len {args.aot_seq_len}: the prompt of a {args.aot_audio_seconds:g} s clip "
                              f"has {needed} tokens ({int(processor.num_audio_tokens(frames))} of them audio); "
                              f"give at least {needed}, or leave --aot-seq-len out")
+        bucket = frame_bucket(frames)
         if args.aot_seq_len is not None:
-            return token_bucket(args.aot_seq_len), frame_bucket(frames)
-        return prompt_columns(needed - int(processor.num_audio_tokens(frames)), frame_bucket(frames)), \
-            frame_bucket(frames)
+            return token_bucket(args.aot_seq_len), bucket
+        return prompt_columns(needed - int(processor.num_audio_tokens(frames)), bucket), bucket
     if args.aot_seq_len is not None:
         return token_bucket(args.aot_seq_len), None
     rows = read_manifest(args.manifest, check_audio_exists=args.input == "auto")
