@@ -594,6 +594,7 @@ def run_ours_decode(args: DecodeArgs, model_dir: str, rows: list[dict]) -> dict:
     special = processor.special_ids(tok)
     config, params = infer.load_model(model_dir, dtype, 0, mesh, special)
     items = infer.plan_rows(rows, tok, use_audio=True, source=args.manifest)
+    processor.mel_filters()  # loaded with the model, as infer.py does (and as load_torch_model builds the processor)
     shapes, put = set(), lambda x: None if x is None else jax.device_put(x, sharding.batch_sharding(mesh))
 
     def dispatch(chunk):

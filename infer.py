@@ -379,6 +379,8 @@ def main(args: Args) -> dict:
     warn_unfinished(model_dir, run)
     tok = load_tokenizer(model_dir)
     items = plan_rows(rows, tok, use_audio=args.input == "auto", source=args.manifest)
+    if any(item["from_audio"] for item in items):
+        processor.mel_filters()  # the feature extractor, loaded with the tokenizer: not a cost of the first batch
     long_ids = [item["row"]["id"] for item in items
                 if item["from_audio"] and item["key"][1] > processor.MAX_AUDIO_SECONDS]
     if long_ids:

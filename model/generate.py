@@ -45,19 +45,23 @@ def _is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
 
 
 def _prefill(params, config, input_ids, attention_mask, input_features, feature_lengths, max_new_tokens, dtype):
-    """Run the prompt through the model once; return the next-token fp32 logits [B, V] and the filled cache.
+    """Run the prompt through the model once; return the final hidden state of its last position [B, H] (what the
+    LM head reads to predict the first new token) and the filled cache.
 
-    The prompt's last token goes through decode_step instead of prefill: prefill's logits for every position
-    ([B, S, V] float32, gigabytes for a batch of long audio prompts with a 156k vocabulary) are then unused, so
-    XLA drops their computation. Left padding makes the last column a real token of every row, and it is never
-    an audio token (a prompt ends with the assistant header).
+    Hidden states, not logits: prefill's logits for every position ([B, S, V] float32, gigabytes for a batch of
+    long audio prompts with a 156k vocabulary) would be unused, and the search loop applies the LM head itself.
+    Left padding makes the last column a real token of every row.
     """
     batch, prompt_len = input_ids.shape
     cache = qwen2_audio.init_cache(config, batch, prompt_len + max_new_tokens, dtype)
-    _, cache = qwen2_audio.prefill(params, config, input_ids[:, :-1], attention_mask[:, :-1], input_features,
-                                   feature_lengths, cache, dtype=dtype)
-    logits, cache = qwen2_audio.decode_step(params, config, input_ids[:, -1], cache, dtype=dtype)
-    return logits.astype(jnp.float32), cache
+    hidden, cache = qwen2_audio.prefill(params, config, input_ids, attention_mask, input_features, feature_lengths,
+                                        cache, dtype=dtype, hidden_only=True)
+    return hidden[:, -1], cache
+
+
+def _lm_head(params, hidden: jax.Array, dtype) -> jax.Array:
+    """fp32 next-token logits [N, V] of final hidden states [N, H] (the model's own LM head)."""
+    return qwen2_audio.lm_head_logits(hidden, params["lm_head"]["kernel"], dtype)
 
 
 # ---- greedy -----------------------------------------------------------------------------------------------------
@@ -76,7 +80,7 @@ def greedy_search(params, config, input_ids, attention_mask, input_features=None
                   dtype=jnp.bfloat16) -> Generated:
     """Argmax decoding of left-padded prompts [B, S] until eos or max_new_tokens new tokens."""
     batch = input_ids.shape[0]
-    logits, cache = _prefill(params, config, input_ids, attention_mask, input_features, feature_lengths,
+    hidden, cache = _prefill(params, config, input_ids, attention_mask, input_features, feature_lengths,
                              max_new_tokens, dtype)
 
     def pick(state: _GreedyState, logits: jax.Array) -> _GreedyState:
@@ -99,7 +103,7 @@ def greedy_search(params, config, input_ids, attention_mask, input_features=None
     state = _GreedyState(step=jnp.int32(0), tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
                          lengths=jnp.zeros((batch,), jnp.int32),
                          finished=jnp.zeros((batch,), bool), cache=cache)
-    state = jax.lax.while_loop(running, body, pick(state, logits))
+    state = jax.lax.while_loop(running, body, pick(state, _lm_head(params, hidden, dtype)))
     return Generated(tokens=state.tokens, lengths=state.lengths)
 
 
@@ -117,6 +121,7 @@ class _BeamState(NamedTuple):
     improvable: jax.Array      # [B] bool: is_early_stop_heuristic_unsatisfied
     all_hit_stop: jax.Array    # bool: every kept continuation hit eos/max length (no valid continuation)
     cache: object              # batch axis B*k, beam-major within a row
+    hidden: jax.Array          # [B*k, H] the running beams' final hidden states: the LM head's input this step
 
 
 def _per_beam(cache: dict, batch: int, k: int, fn) -> dict:
@@ -187,6 +192,9 @@ def _top_continuations(logits: jax.Array, run_scores: jax.Array, beams_to_keep: 
     padded = jnp.pad(logits, ((0, 0), (0, 0), (0, n_groups * TOPK_GROUP - vocab)), constant_values=-jnp.inf)
     groups = padded.reshape(batch, k * n_groups, TOPK_GROUP)          # beam-major, as the flattened [B, k*V]
     group_max = jnp.max(padded.reshape(batch, k, n_groups, TOPK_GROUP), axis=-1)
+    # Kept in memory ([B, k, V/128]): without the barrier XLA fuses the maxima into each of their users and reads
+    # the logits once more for each (3 passes instead of 2; about 1 ms of a 10 ms step on a CPU, bench.py decode).
+    group_max = jax.lax.optimization_barrier(group_max)
     m = jnp.max(group_max, axis=-1, keepdims=True)  # the beam's maximum, without another pass over its logits
     logz = log_sum_exp(m)
     group_key = accumulated(group_max, m, logz, scores)
@@ -251,7 +259,7 @@ def _beam_step(state: _BeamState, top_logprobs: jax.Array, top_index: jax.Array,
     return _BeamState(step=step + 1, run_tokens=run_tokens, run_scores=run_scores, run_source=run_source,
                       fin_tokens=fin_tokens, fin_lengths=fin_lengths, fin_scores=fin_scores,
                       fin_filled=fin_filled, improvable=improvable,
-                      all_hit_stop=jnp.all(hits_stop), cache=state.cache)
+                      all_hit_stop=jnp.all(hits_stop), cache=state.cache, hidden=state.hidden)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_beams", "max_new_tokens", "length_penalty",
@@ -263,21 +271,26 @@ def beam_search(params, config, input_ids, attention_mask, input_features=None, 
     batch = input_ids.shape[0]
     k = num_beams
     beams_to_keep = max(2, 1 + len(eos_ids)) * k
-    logits, cache = _prefill(params, config, input_ids, attention_mask, input_features, feature_lengths,
+    hidden, cache = _prefill(params, config, input_ids, attention_mask, input_features, feature_lengths,
                              max_new_tokens, dtype)
     # transformers prefills the prompt k times; the k copies are identical, so prefill once and copy the cache.
     cache = _expand_cache(cache, batch, k)
-    vocab = logits.shape[-1]
+    vocab = params["lm_head"]["kernel"].shape[-1]
     step_fn = functools.partial(_beam_step, vocab=vocab, num_beams=k, beams_to_keep=beams_to_keep,
                                 max_new_tokens=max_new_tokens, length_penalty=length_penalty, eos_ids=eos_ids)
 
     def body(state: _BeamState) -> _BeamState:
-        # Reorder the cache to the beams that survived the last step (reorder_cache), then feed their last token.
+        # One step from the beams' hidden states: the LM head and the top K continuations, the step's bookkeeping,
+        # then the cache reordered to the beams that survived (reorder_cache) and their last token fed through the
+        # decoder, for the next step's hidden states. The LM head and the top K thus appear once in the program
+        # (the first step is this body too: prefill's state, only beam 0 live); after the last step the decoder
+        # runs once for nothing.
+        logits = _lm_head(params, state.hidden, dtype).reshape(batch, k, vocab)
+        state = step_fn(state, *_top_continuations(logits, state.run_scores, beams_to_keep))
         cache = _reorder_cache(state.cache, state.run_source)
         last = state.run_tokens[:, :, state.step - 1].reshape(-1)
-        logits, cache = qwen2_audio.decode_step(params, config, last, cache, dtype=dtype)
-        top = _top_continuations(logits.astype(jnp.float32).reshape(batch, k, vocab), state.run_scores, beams_to_keep)
-        return step_fn(state._replace(cache=cache), *top)
+        hidden, cache = qwen2_audio.decode_step(params, config, last, cache, dtype=dtype, hidden_only=True)
+        return state._replace(cache=cache, hidden=hidden)
 
     def running(state: _BeamState) -> jax.Array:
         # _beam_search_has_unfinished_sequences with early_stopping=False.
@@ -295,8 +308,7 @@ def beam_search(params, config, input_ids, attention_mask, input_features=None, 
         fin_filled=jnp.zeros((batch, k), bool),
         improvable=jnp.ones((batch,), bool),
         all_hit_stop=jnp.bool_(False),
-        cache=cache)
-    first = _top_continuations(jnp.broadcast_to(logits[:, None, :], (batch, k, vocab)), state.run_scores,
-                               beams_to_keep)
-    state = jax.lax.while_loop(running, body, step_fn(state, *first))
+        cache=cache,
+        hidden=jnp.repeat(hidden, k, axis=0))  # row b's k beams at rows b*k .. b*k + k - 1, as the cache
+    state = jax.lax.while_loop(running, body, state)
     return Generated(tokens=state.fin_tokens[:, 0], lengths=state.fin_lengths[:, 0])

@@ -94,8 +94,10 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
 
 
 @functools.cache
-def _mel_filters() -> np.ndarray:
-    # Whisper's filters are librosa's slaney mel bank (transformers' mel_filter_bank agrees to 2e-9).
+def mel_filters() -> np.ndarray:
+    """Whisper's mel filter bank [N_MELS, N_FFT // 2 + 1]: librosa's slaney mel bank (transformers' mel_filter_bank
+    agrees to 2e-9). Built once per process; the first call costs about 1-2 s, librosa importing scipy.signal, so
+    a decoding run builds it while loading, as the reference's processor builds its own (infer.py)."""
     return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, htk=False, norm="slaney").astype(np.float64)
 
 
@@ -175,7 +177,7 @@ def log_mel_features(waveform: np.ndarray, out_frames: int | None = None) -> tup
     # A centred STFT has length//HOP + 1 frames; the reference drops the last one (before taking the max), so do we.
     frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][: length // HOP_LENGTH]
     power = np.abs(np.fft.rfft(frames * _hann_window(), axis=-1)) ** 2  # [frames, N_FFT//2+1], in float64
-    log_spec = np.log10(np.maximum(_mel_filters() @ power.T, 1e-10))  # [N_MELS, frames]
+    log_spec = np.log10(np.maximum(mel_filters() @ power.T, 1e-10))  # [N_MELS, frames]
     log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
     features = (log_spec[:, :T] + 4.0) / 4.0
     return features.astype(np.float32), n_frames
@@ -231,7 +233,7 @@ def log_mel_jnp(waveforms, n_samples, n_frames_out: int):
     spec = jnp.matmul(frames, _windowed_dft(), precision="highest")  # [B, n_stft, 2 * (N_FFT//2 + 1)]
     n_bins = N_FFT // 2 + 1
     power = spec[..., :n_bins] ** 2 + spec[..., n_bins:] ** 2
-    mel = jnp.einsum("mk,bfk->bmf", _mel_filters().astype(np.float32), power, precision="highest")
+    mel = jnp.einsum("mk,bfk->bmf", mel_filters().astype(np.float32), power, precision="highest")
     log_spec = jnp.log10(jnp.maximum(mel, 1e-10))  # [B, N_MELS, n_stft]
     # The floor is per row, over the same n_stft frames as log_mel_features (the frames after those are all-zero
     # there and in the reference, i.e. -10, which never raises a max).

@@ -588,20 +588,23 @@ def init_cache(config: Qwen2AudioConfig, batch: int, max_len: int, dtype=jnp.flo
 
 
 def prefill(params, config: Qwen2AudioConfig, input_ids, attention_mask, input_features, feature_lengths, cache, *,
-            dtype=jnp.float32):
-    """Run the prompt (left padding is fine) through the model, filling the cache. -> (logits [B, S, V], cache).
+            dtype=jnp.float32, hidden_only: bool = False):
+    """Run the prompt (left padding is fine) through the model, filling the cache. -> (logits [B, S, V], cache),
+    or with hidden_only the final hidden states [B, S, H] instead of logits.
     Writing past max_len is silently clipped by dynamic_update_slice: size the cache for prompt + new tokens."""
     _check_audio_tokens(config, input_ids, input_features, feature_lengths)
     model = Qwen2AudioForConditionalGeneration(config, dtype=dtype)
-    return model.apply({"params": params}, input_ids, attention_mask, input_features, feature_lengths, None, cache)
+    return model.apply({"params": params}, input_ids, attention_mask, input_features, feature_lengths, None, cache,
+                       None, hidden_only)
 
 
-def decode_step(params, config: Qwen2AudioConfig, tokens, cache, *, dtype=jnp.float32):
-    """One new token per row -> (logits [B, V], cache)."""
+def decode_step(params, config: Qwen2AudioConfig, tokens, cache, *, dtype=jnp.float32, hidden_only: bool = False):
+    """One new token per row -> (logits [B, V], cache), or with hidden_only its final hidden state [B, H]."""
     model = Qwen2AudioForConditionalGeneration(config, dtype=dtype)
     ids = tokens[:, None]
-    logits, cache = model.apply({"params": params}, ids, jnp.ones_like(ids, jnp.int32), None, None, None, cache)
-    return logits[:, 0], cache
+    out, cache = model.apply({"params": params}, ids, jnp.ones_like(ids, jnp.int32), None, None, None, cache, None,
+                             hidden_only)
+    return out[:, 0], cache
 
 
 def _check_audio_tokens(config, input_ids, input_features, feature_lengths):

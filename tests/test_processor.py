@@ -111,7 +111,7 @@ def test_load_audio_averages_stereo_channels(tmp_path, speech):
 
 
 def test_mel_filters_equal_whisper_feature_extractor_filters():
-    np.testing.assert_allclose(P._mel_filters(), FE.mel_filters.T, atol=1e-8)
+    np.testing.assert_allclose(P.mel_filters(), FE.mel_filters.T, atol=1e-8)
 
 
 @pytest.mark.parametrize("n_samples", [None, 32000, 32001, 479_900, 500_000],
