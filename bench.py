@@ -587,7 +587,7 @@ def run_ours_decode(args: DecodeArgs, model_dir: str, rows: list[dict]) -> dict:
     import jax
     import jax.numpy as jnp
     import infer
-    from model import generate, processor, sharding
+    from model import compilation, generate, processor, sharding
     dtype = jnp.float32  # the reference's
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     tok = infer.load_tokenizer(model_dir)
@@ -601,7 +601,7 @@ def run_ours_decode(args: DecodeArgs, model_dir: str, rows: list[dict]) -> dict:
         batch = infer.make_batch(chunk, tok, args.batch, special.pad)
         shapes.add(tuple(None if x is None else x.shape for x in batch.values()))
         inputs = [put(batch[k]) for k in ("input_ids", "attention_mask", "input_features", "feature_lengths")]
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES), compilation.gc_paused():
             return chunk, generate.beam_search(params, config, *inputs, num_beams=args.num_beams,
                                                max_new_tokens=args.max_new_tokens, eos_ids=special.eos,
                                                pad_id=special.pad, dtype=dtype)

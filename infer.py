@@ -61,7 +61,7 @@ from model import aot, checkpoint, generate, processor, qwen2_audio, sharding
 from model.answer import MAX_NEW_TOKENS, parse_answer
 from model.config import PRESETS, ConfigError, Qwen2AudioConfig, get_config, resolve_model
 from model.manifest import ManifestError, atomic_write_text, iter_jsonl, jsonl_text, read_manifest
-from model.compilation import compilations, enable_persistent_cache
+from model.compilation import compilations, enable_persistent_cache, gc_paused
 from model.processor import round_up
 
 
@@ -409,7 +409,7 @@ def main(args: Args) -> dict:
         positions[1] += batch["attention_mask"].size
         inputs = [None if batch[key] is None else jax.device_put(batch[key], batch_sharding)
                   for key in ("input_ids", "attention_mask", "input_features", "feature_lengths")]
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES), gc_paused():
             out = search(params, config, *inputs, **static)
         return chunk, out
 

@@ -1277,6 +1277,7 @@ class Evaluator:
         import jax.numpy as jnp
         import infer
         from model.checkpoint import host_array
+        from model.compilation import gc_paused
         from model import processor as P
         ids_of = P.special_ids(self.tok)
         search, static = infer.decoder(1, self.max_new_tokens, self.dtype, ids_of)  # greedy, as infer.py runs it
@@ -1285,7 +1286,8 @@ class Evaluator:
             b = infer.make_batch(chunk, self.tok, self.batch, ids_of.pad)
             inputs = [None if b[key] is None else jnp.asarray(b[key])
                       for key in ("input_ids", "attention_mask", "input_features", "feature_lengths")]
-            out = search(params, self.config, *inputs, **static)
+            with gc_paused():
+                out = search(params, self.config, *inputs, **static)
             tokens, lengths = host_array(out.tokens), host_array(out.lengths)
             for i, item in enumerate(chunk):
                 generated = self.tok.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True)
@@ -1663,6 +1665,7 @@ def train_phase(k: int, phase: Phase, params: dict, opt_leaves: list | None, fir
     import jax
     import jax.numpy as jnp
     from tqdm import tqdm
+    from model.compilation import gc_paused
     from model.sharding import LOGICAL_AXIS_RULES
     tx, train_sh, frozen_sh, opt_sh = phase_optimizer(args, phase, m)
     trainable, frozen = split_params(params, phase.frozen)
@@ -1704,7 +1707,8 @@ def train_phase(k: int, phase: Phase, params: dict, opt_leaves: list | None, fir
             if teacher is not None and teacher.params is None and step >= teacher.start:
                 teacher.take(merge_params(frozen, trainable), m.param_sh, jnp.dtype(dtype))
             extra = () if teacher is None or teacher.params is None else (teacher.params,)
-            trainable, opt_state, metrics = step_fns[len(extra)](trainable, frozen, opt_state, batch, *extra)
+            with gc_paused():  # compiling the step (its first call) without Python's collections
+                trainable, opt_state, metrics = step_fns[len(extra)](trainable, frozen, opt_state, batch, *extra)
             metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 if pending is not None:
