@@ -353,6 +353,7 @@ def run_ours_step(args: StepArgs, model_dir: str) -> dict:
     import flax.linen as nn
     import jax
     import train
+    from model import compilation
     from model.sharding import LOGICAL_AXIS_RULES
     targs, plan, loader, m, config, params, phase, dtype, step = ours_step_setup(args, model_dir)
     tx, train_sh, frozen_sh, opt_sh = train.phase_optimizer(targs, phase, m)
@@ -369,7 +370,8 @@ def run_ours_step(args: StepArgs, model_dir: str) -> dict:
             host = loader(step)
             t1 = time.perf_counter()
             batch = train.to_global(host, m.batch_sh, m.micro_batch)
-            trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch)
+            with compilation.gc_paused():  # as train.py calls its step
+                trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch)
             metrics = jax.device_get(metrics)
             t2 = time.perf_counter()
             if k == 0:
