@@ -256,10 +256,10 @@ def _beam_step(state: _BeamState, top_logprobs: jax.Array, top_index: jax.Array,
     worst_finished = jnp.where(fin_filled, jnp.min(fin_scores, axis=1, keepdims=True), NEG_INF)
     improvable = state.improvable & jnp.any(best_running > worst_finished, axis=1)
 
-    return _BeamState(step=step + 1, run_tokens=run_tokens, run_scores=run_scores, run_source=run_source,
-                      fin_tokens=fin_tokens, fin_lengths=fin_lengths, fin_scores=fin_scores,
-                      fin_filled=fin_filled, improvable=improvable,
-                      all_hit_stop=jnp.all(hits_stop), cache=state.cache, hidden=state.hidden)
+    # The cache and the hidden states are the loop body's: they follow the beams after this step.
+    return state._replace(step=step + 1, run_tokens=run_tokens, run_scores=run_scores, run_source=run_source,
+                          fin_tokens=fin_tokens, fin_lengths=fin_lengths, fin_scores=fin_scores,
+                          fin_filled=fin_filled, improvable=improvable, all_hit_stop=jnp.all(hits_stop))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_beams", "max_new_tokens", "length_penalty",
